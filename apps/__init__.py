@@ -1,0 +1,1 @@
+"""The three vertical applications and the suite entry points (CLI, Streamlit)."""

@@ -1,0 +1,1 @@
+"""Shared model core: config, attention, MoE, model, training, compression and persistence."""

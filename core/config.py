@@ -1,0 +1,235 @@
+"""CoreConfig: every architecture knob of the shared model, validated on construction."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from core.errors import ConfigError
+
+BALANCE_MODES = ("aux_free", "aux_loss", "none")
+ATTENTION_BACKENDS = ("auto", "gather", "flex")
+POSITION_ENCODINGS = ("rope", "none")
+
+
+def _expect(condition: bool, field: str, expected: str, got: Any) -> None:
+    if not condition:
+        raise ConfigError(f"CoreConfig.{field}: expected {expected}, got {got!r}")
+
+
+class CoreConfig(PretrainedConfig):
+    """Architecture of `CoreModel`: sizes, dynamic attention, domain MoE, embedders and heads.
+
+    Training knobs (learning rate, epochs, precision) are `transformers.TrainingArguments`, not fields here.
+
+    Args:
+        hidden_size: width of the residual stream.
+        num_layers: number of encoder layers (each DynamicAttention + DomainMoE).
+        num_heads: attention heads; `hidden_size` must be divisible by it.
+        ffn_size: hidden width of each SwiGLU expert (routed and shared).
+        dense_ffn_size: width of the dense SwiGLU FFN used when `use_moe` is False (default 4 x hidden).
+        dropout: dropout on attention output and FFN output.
+        layer_norm_eps: epsilon of the RMS norms.
+        position_encoding: "rope" (rotary on queries/keys over the flattened token order) or "none".
+        rope_theta: rotary base.
+        block_size: tokens per key/query block of the dynamic attention.
+        top_k_blocks: key blocks each query block keeps besides its own block.
+        dense_below: sequences shorter than this use exact dense attention.
+        dense_below_gpu: the same threshold on CUDA, where fused dense kernels win longer.
+        dense_tail_layers: the last N layers always use dense attention.
+        output_gate: sigmoid output gate per head after attention.
+        causal: causal (next-step) or bidirectional attention.
+        attention_backend: "auto" (FlexAttention on CUDA, gather + fused SDPA elsewhere), "gather" or "flex".
+        use_moe: DomainMoE in every layer (True) or a dense SwiGLU FFN (False).
+        n_routed_experts: routed experts per MoE layer.
+        n_shared_experts: always-on experts per MoE layer.
+        moe_top_k: routed experts per token.
+        domains: domain names; a token's `domain_ids` index this tuple.
+        balance: "aux_free" (DeepSeek-V3 selection bias), "aux_loss" (Switch auxiliary loss) or "none".
+        bias_update_rate: step of the aux-free bias update.
+        router_aux_loss_coef: weight of the Switch auxiliary loss when `balance="aux_loss"`.
+        router_domain_prior: add a learned per-domain prior to the router logits.
+        categorical_fields: name -> vocabulary size (index 0 is padding, 1 is the unknown bucket).
+        numeric_fields: names of numeric fields (a learned numeric encoding each).
+        numeric_frequencies: Fourier frequencies of the numeric encoding.
+        use_time_delta: embed the time since the previous token (seconds, log-scaled).
+        num_modalities: modality embeddings (e.g. record fields, CT patches).
+        volume_patch_size: (depth, height, width) voxels per CT patch token.
+        volume_channels: channels of the CT input (window presets stacked as channels).
+        num_labels: classes of the classification head (0: no head).
+        classifier_pooling: "mean", "last" or "first" token pooling for classification.
+        next_step_vocab: items the next-step head can score (0: no head).
+        prototype_dim: size of the prototype (few-shot) embedding (0: no head).
+    """
+
+    model_type = "verticals-core"
+
+    def __init__(
+        self,
+        hidden_size: int = 256,
+        num_layers: int = 4,
+        num_heads: int = 4,
+        ffn_size: int = 128,
+        dense_ffn_size: int | None = None,
+        dropout: float = 0.0,
+        layer_norm_eps: float = 1e-5,
+        position_encoding: str = "rope",
+        rope_theta: float = 10000.0,
+        block_size: int = 128,
+        top_k_blocks: int = 1,
+        dense_below: int = 512,
+        dense_below_gpu: int = 2048,
+        dense_tail_layers: int = 1,
+        output_gate: bool = True,
+        causal: bool = False,
+        attention_backend: str = "auto",
+        use_moe: bool = True,
+        n_routed_experts: int = 16,
+        n_shared_experts: int = 1,
+        moe_top_k: int = 2,
+        domains: Sequence[str] = ("general",),
+        balance: str = "aux_free",
+        bias_update_rate: float = 1e-3,
+        router_aux_loss_coef: float = 0.01,
+        router_domain_prior: bool = True,
+        categorical_fields: Mapping[str, int] | None = None,
+        numeric_fields: Sequence[str] = (),
+        numeric_frequencies: int = 8,
+        use_time_delta: bool = False,
+        num_modalities: int = 1,
+        volume_patch_size: Sequence[int] = (4, 16, 16),
+        volume_channels: int = 1,
+        num_labels: int = 0,
+        classifier_pooling: str = "mean",
+        next_step_vocab: int = 0,
+        prototype_dim: int = 0,
+        initializer_range: float = 0.02,
+        **kwargs: Any,
+    ) -> None:
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.ffn_size = ffn_size
+        self.dense_ffn_size = dense_ffn_size if dense_ffn_size is not None else 4 * hidden_size
+        self.dropout = dropout
+        self.layer_norm_eps = layer_norm_eps
+        self.position_encoding = position_encoding
+        self.rope_theta = rope_theta
+        self.block_size = block_size
+        self.top_k_blocks = top_k_blocks
+        self.dense_below = dense_below
+        self.dense_below_gpu = dense_below_gpu
+        self.dense_tail_layers = dense_tail_layers
+        self.output_gate = output_gate
+        self.causal = causal
+        self.attention_backend = attention_backend
+        self.use_moe = use_moe
+        self.n_routed_experts = n_routed_experts
+        self.n_shared_experts = n_shared_experts
+        self.moe_top_k = moe_top_k
+        self.domains = list(domains)
+        self.balance = balance
+        self.bias_update_rate = bias_update_rate
+        self.router_aux_loss_coef = router_aux_loss_coef
+        self.router_domain_prior = router_domain_prior
+        self.categorical_fields = dict(categorical_fields or {})
+        self.numeric_fields = list(numeric_fields)
+        self.numeric_frequencies = numeric_frequencies
+        self.use_time_delta = use_time_delta
+        self.num_modalities = num_modalities
+        self.volume_patch_size = list(volume_patch_size)
+        self.volume_channels = volume_channels
+        self.classifier_pooling = classifier_pooling
+        self.next_step_vocab = next_step_vocab
+        self.prototype_dim = prototype_dim
+        self.initializer_range = initializer_range
+        # `num_labels` is owned by PretrainedConfig (it builds id2label from it).
+        kwargs.setdefault("num_labels", num_labels)
+        super().__init__(**kwargs)
+        self._validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_domains(self) -> int:
+        return len(self.domains)
+
+    def domain_id(self, name: str) -> int:
+        """Index of a domain name, raising `ConfigError` listing the known domains."""
+        if name not in self.domains:
+            raise ConfigError(f"CoreConfig.domains: unknown domain {name!r}; known domains: {self.domains}")
+        return self.domains.index(name)
+
+    def _validate(self) -> None:
+        for field in ("hidden_size", "num_layers", "num_heads", "ffn_size", "dense_ffn_size", "block_size"):
+            value = getattr(self, field)
+            _expect(isinstance(value, int) and value > 0, field, "a positive integer", value)
+        _expect(
+            self.hidden_size % self.num_heads == 0,
+            "hidden_size",
+            f"a multiple of num_heads={self.num_heads}",
+            self.hidden_size,
+        )
+        _expect(self.head_dim % 2 == 0, "num_heads", "a head size (hidden_size / num_heads) that is even", self.num_heads)
+        _expect(0.0 <= self.dropout < 1.0, "dropout", "a float in [0, 1)", self.dropout)
+        _expect(
+            self.position_encoding in POSITION_ENCODINGS,
+            "position_encoding",
+            f"one of {POSITION_ENCODINGS}",
+            self.position_encoding,
+        )
+        _expect(isinstance(self.top_k_blocks, int) and self.top_k_blocks >= 0, "top_k_blocks", "an integer >= 0", self.top_k_blocks)
+        for field in ("dense_below", "dense_below_gpu", "dense_tail_layers", "n_shared_experts"):
+            value = getattr(self, field)
+            _expect(isinstance(value, int) and value >= 0, field, "an integer >= 0", value)
+        _expect(
+            self.attention_backend in ATTENTION_BACKENDS,
+            "attention_backend",
+            f"one of {ATTENTION_BACKENDS}",
+            self.attention_backend,
+        )
+        _expect(
+            isinstance(self.n_routed_experts, int) and self.n_routed_experts >= 1,
+            "n_routed_experts",
+            "an integer >= 1",
+            self.n_routed_experts,
+        )
+        _expect(
+            isinstance(self.moe_top_k, int) and 1 <= self.moe_top_k <= self.n_routed_experts,
+            "moe_top_k",
+            f"an integer in [1, n_routed_experts={self.n_routed_experts}]",
+            self.moe_top_k,
+        )
+        _expect(
+            len(self.domains) >= 1 and all(isinstance(d, str) and d for d in self.domains),
+            "domains",
+            "a non-empty list of non-empty names",
+            self.domains,
+        )
+        _expect(len(set(self.domains)) == len(self.domains), "domains", "unique names", self.domains)
+        _expect(self.balance in BALANCE_MODES, "balance", f"one of {BALANCE_MODES}", self.balance)
+        _expect(self.bias_update_rate >= 0, "bias_update_rate", "a float >= 0", self.bias_update_rate)
+        _expect(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", "a float >= 0", self.router_aux_loss_coef)
+        for name, size in self.categorical_fields.items():
+            _expect(isinstance(size, int) and size >= 2, f"categorical_fields[{name!r}]", "a vocabulary size >= 2", size)
+        _expect(self.numeric_frequencies >= 1, "numeric_frequencies", "an integer >= 1", self.numeric_frequencies)
+        _expect(self.num_modalities >= 1, "num_modalities", "an integer >= 1", self.num_modalities)
+        _expect(
+            len(self.volume_patch_size) == 3 and all(isinstance(p, int) and p > 0 for p in self.volume_patch_size),
+            "volume_patch_size",
+            "three positive integers (depth, height, width)",
+            self.volume_patch_size,
+        )
+        _expect(self.num_labels >= 0, "num_labels", "an integer >= 0", self.num_labels)
+        _expect(
+            self.classifier_pooling in ("mean", "last", "first"),
+            "classifier_pooling",
+            "one of ('mean', 'last', 'first')",
+            self.classifier_pooling,
+        )
+        _expect(self.next_step_vocab >= 0, "next_step_vocab", "an integer >= 0", self.next_step_vocab)
+        _expect(self.prototype_dim >= 0, "prototype_dim", "an integer >= 0", self.prototype_dim)
