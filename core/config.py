@@ -174,7 +174,12 @@ class CoreConfig(PretrainedConfig):
             f"a multiple of num_heads={self.num_heads}",
             self.hidden_size,
         )
-        _expect(self.head_dim % 2 == 0, "num_heads", "a head size (hidden_size / num_heads) that is even", self.num_heads)
+        _expect(
+            self.head_dim % 2 == 0,
+            "num_heads",
+            "a head size (hidden_size / num_heads) that is even",
+            self.num_heads,
+        )
         _expect(0.0 <= self.dropout < 1.0, "dropout", "a float in [0, 1)", self.dropout)
         _expect(
             self.position_encoding in POSITION_ENCODINGS,
@@ -182,7 +187,12 @@ class CoreConfig(PretrainedConfig):
             f"one of {POSITION_ENCODINGS}",
             self.position_encoding,
         )
-        _expect(isinstance(self.top_k_blocks, int) and self.top_k_blocks >= 0, "top_k_blocks", "an integer >= 0", self.top_k_blocks)
+        _expect(
+            isinstance(self.top_k_blocks, int) and self.top_k_blocks >= 0,
+            "top_k_blocks",
+            "an integer >= 0",
+            self.top_k_blocks,
+        )
         for field in ("dense_below", "dense_below_gpu", "dense_tail_layers", "n_shared_experts"):
             value = getattr(self, field)
             _expect(isinstance(value, int) and value >= 0, field, "an integer >= 0", value)
@@ -213,13 +223,23 @@ class CoreConfig(PretrainedConfig):
         _expect(len(set(self.domains)) == len(self.domains), "domains", "unique names", self.domains)
         _expect(self.balance in BALANCE_MODES, "balance", f"one of {BALANCE_MODES}", self.balance)
         _expect(self.bias_update_rate >= 0, "bias_update_rate", "a float >= 0", self.bias_update_rate)
-        _expect(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", "a float >= 0", self.router_aux_loss_coef)
+        _expect(
+            self.router_aux_loss_coef >= 0, "router_aux_loss_coef", "a float >= 0", self.router_aux_loss_coef
+        )
         for name, size in self.categorical_fields.items():
-            _expect(isinstance(size, int) and size >= 2, f"categorical_fields[{name!r}]", "a vocabulary size >= 2", size)
-        _expect(self.numeric_frequencies >= 1, "numeric_frequencies", "an integer >= 1", self.numeric_frequencies)
+            _expect(
+                isinstance(size, int) and size >= 2,
+                f"categorical_fields[{name!r}]",
+                "a vocabulary size >= 2",
+                size,
+            )
+        _expect(
+            self.numeric_frequencies >= 1, "numeric_frequencies", "an integer >= 1", self.numeric_frequencies
+        )
         _expect(self.num_modalities >= 1, "num_modalities", "an integer >= 1", self.num_modalities)
         _expect(
-            len(self.volume_patch_size) == 3 and all(isinstance(p, int) and p > 0 for p in self.volume_patch_size),
+            len(self.volume_patch_size) == 3
+            and all(isinstance(p, int) and p > 0 for p in self.volume_patch_size),
             "volume_patch_size",
             "three positive integers (depth, height, width)",
             self.volume_patch_size,

@@ -1,0 +1,439 @@
+"""DynamicAttention: gated block-selection attention that really skips work on long sequences.
+
+Keys and values are cut into blocks of `block_size` tokens. Per head, a gate scores each query block
+against each key block (mean-pooled queries against mean-pooled keys plus a learnable `gating_factor`
+projection). Each query block keeps its own block plus the `top_k_blocks` best-scoring allowed blocks;
+only those K/V blocks are gathered and fed to one fused `scaled_dot_product_attention` call (CPU and
+fallback), or turned into a FlexAttention block mask (CUDA). Below `dense_below` tokens, and in the last
+`dense_tail_layers` layers, exact dense attention runs instead. A sigmoid output gate per head follows.
+
+The top-k choice is discrete; the gate learns through a straight-through factor: each query block's
+output is multiplied by `m / m.detach()`, where `m` is the gate probability mass of the kept blocks.
+The factor is exactly 1 in the forward pass (so outputs equal dense attention when every block is kept)
+and its gradient rewards the gate for putting mass on blocks whose attention output reduces the loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from core.config import CoreConfig
+
+
+@dataclass(frozen=True)
+class AttentionTrace:
+    """What one attention call did, for explanations and tests.
+
+    Attributes:
+        is_dense: True when the exact dense path ran.
+        block_indices: (B, H, n_blocks, 1 + top_k) key-block indices per query block, own block first;
+            -1 marks a slot with no allowed block (causal start, padding). None on the dense path.
+        gate_scores: (B, H, n_blocks, n_blocks) gate logits (before masking). None on the dense path.
+        attention_weights: (B, H, T, T) attention probabilities (zeros outside the kept blocks), only
+            when requested.
+    """
+
+    is_dense: bool
+    block_indices: torch.Tensor | None = None
+    gate_scores: torch.Tensor | None = None
+    attention_weights: torch.Tensor | None = None
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE) over the flattened token order."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return cos, sin of shape (T, D) (or (B, T, D) for per-row positions)."""
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq  # (..., T, D/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (..., T, D)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x of shape (B, H, T, D) by cos/sin of shape (T, D) or (B, T, D)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
+    return x * cos + _rotate_half(x) * sin
+
+
+def attention_flop_counter() -> FlopCounterMode:
+    """A `FlopCounterMode` that also counts the CPU fused SDPA kernel (PyTorch registers only GPU ones)."""
+
+    def cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    return FlopCounterMode(
+        display=False,
+        custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa_flops},
+    )
+
+
+def _flex_attention():
+    """FlexAttention compiled once per process (it is only fast under torch.compile)."""
+    global _COMPILED_FLEX
+    if _COMPILED_FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+_COMPILED_FLEX = None
+
+
+class DynamicAttention(nn.Module):
+    """Gated block-selection multi-head self-attention with a sigmoid output gate.
+
+    Args:
+        config: reads hidden_size, num_heads, block_size, top_k_blocks, dense_below(_gpu),
+            dense_tail_layers, num_layers, output_gate, causal, attention_backend, position_encoding,
+            rope_theta, dropout.
+        layer_idx: index of the layer; the last `dense_tail_layers` layers always run dense.
+    """
+
+    def __init__(self, config: CoreConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.block_size = config.block_size
+        self.top_k_blocks = config.top_k_blocks
+        self.causal = config.causal
+        self.always_dense = layer_idx >= config.num_layers - config.dense_tail_layers
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, hidden, bias=False)
+        self.k_proj = nn.Linear(hidden, hidden, bias=False)
+        self.v_proj = nn.Linear(hidden, hidden, bias=False)
+        self.o_proj = nn.Linear(hidden, hidden, bias=False)
+        # Per-head projection added to the mean-pooled keys; zero-initialised so the gate starts as plain
+        # pooled-query x pooled-key similarity and learns to depart from it.
+        self.gating_factor = nn.Parameter(torch.zeros(config.num_heads, config.head_dim, config.head_dim))
+        self.gate_proj = nn.Linear(hidden, config.num_heads, bias=True) if config.output_gate else None
+        self.rotary = (
+            RotaryEmbedding(config.head_dim, config.rope_theta)
+            if config.position_encoding == "rope"
+            else None
+        )
+        self.dropout = config.dropout
+
+    # ------------------------------------------------------------------ public API
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        force_dense: bool | None = None,
+    ) -> tuple[torch.Tensor, AttentionTrace]:
+        """Attend over a sequence.
+
+        Args:
+            hidden_states: (B, T, hidden) input states.
+            attention_mask: (B, T) bool or 0/1, True/1 for real tokens; None means no padding.
+            position_ids: (T,) or (B, T) positions for RoPE; default 0..T-1.
+            output_attentions: also return the (B, H, T, T) attention probabilities in the trace.
+            force_dense: True/False overrides the dense-or-sparse decision (benchmarks, tests).
+
+        Returns:
+            (hidden_states, trace): attended states of shape (B, T, hidden) and an `AttentionTrace`.
+        """
+        batch, length, hidden = hidden_states.shape
+        q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        # q, k, v: (B, H, T, D)
+        if self.rotary is not None:
+            if position_ids is None:
+                position_ids = torch.arange(length, device=hidden_states.device)
+            cos, sin = self.rotary(position_ids, q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        key_valid = None if attention_mask is None else attention_mask.to(torch.bool)  # (B, T)
+        if key_valid is not None and bool(key_valid.all()):
+            key_valid = None
+
+        use_dense = self.use_dense(length, hidden_states.device) if force_dense is None else force_dense
+        if use_dense:
+            out, trace = self._dense(q, k, v, key_valid, output_attentions)
+        else:
+            out, trace = self._block_sparse(q, k, v, key_valid, output_attentions)
+
+        if self.gate_proj is not None:
+            gate = torch.sigmoid(self.gate_proj(hidden_states))  # (B, T, H)
+            out = out * gate.transpose(1, 2).unsqueeze(-1)  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(batch, length, hidden)  # (B, T, hidden)
+        return self.o_proj(out), trace
+
+    def use_dense(self, length: int, device: torch.device) -> bool:
+        """Whether a sequence of `length` tokens takes the exact dense path on `device`."""
+        threshold = self.config.dense_below_gpu if device.type == "cuda" else self.config.dense_below
+        n_blocks = math.ceil(length / self.block_size)
+        # Keeping every block is dense attention with extra gathering: run the dense kernel instead.
+        return self.always_dense or length < threshold or n_blocks <= 1 + self.top_k_blocks
+
+    def backend(self, device: torch.device) -> str:
+        """The sparse backend used on `device`: "flex" (FlexAttention block mask) or "gather"."""
+        if self.config.attention_backend == "auto":
+            return "flex" if device.type == "cuda" else "gather"
+        return self.config.attention_backend
+
+    # ------------------------------------------------------------------ dense path
+    def _dense(self, q, k, v, key_valid, output_attentions):
+        length = q.shape[-2]
+        dropout = self.dropout if self.training else 0.0
+        mask = None
+        if key_valid is not None:
+            mask = key_valid[:, None, None, :]  # (B, 1, 1, T)
+            if self.causal:
+                mask = mask & torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+            # A padded query whose keys are all padding still attends to itself: no NaN rows.
+            mask = mask | torch.eye(length, dtype=torch.bool, device=q.device)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=self.causal and mask is None
+        )  # (B, H, T, D)
+        weights = None
+        if output_attentions:
+            if mask is None and self.causal:
+                mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+            logits = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # (B, H, T, T)
+            if mask is not None:
+                logits = logits.masked_fill(~mask, float("-inf"))
+            weights = torch.softmax(logits.float(), dim=-1).to(q.dtype)
+        return out, AttentionTrace(is_dense=True, attention_weights=weights)
+
+    # ------------------------------------------------------------------ block-sparse path
+    def _select_blocks(self, q, k, key_valid):
+        """Score key blocks per query block and keep the own block plus the top-k allowed ones.
+
+        Returns:
+            gate_scores (B, H, N, N), allowed (B|1, 1, N, N) bool, selected (B, H, N, S) long with
+            S = 1 + k, and pick_valid (B, H, N, S) bool.
+        """
+        batch, heads, padded_len, dim = q.shape
+        bs = self.block_size
+        n_blocks = padded_len // bs
+        q_blocks = q.view(batch, heads, n_blocks, bs, dim)  # (B, H, N, bs, D)
+        k_blocks = k.view(batch, heads, n_blocks, bs, dim)
+        if key_valid is None:
+            q_pool = q_blocks.mean(dim=3)  # (B, H, N, D)
+            k_pool = k_blocks.mean(dim=3)
+            block_has_keys = torch.ones(1, n_blocks, dtype=torch.bool, device=q.device)
+        else:
+            weight = key_valid.view(batch, 1, n_blocks, bs, 1).to(q.dtype)  # (B, 1, N, bs, 1)
+            count = weight.sum(dim=3).clamp_min(1.0)  # (B, 1, N, 1)
+            q_pool = (q_blocks * weight).sum(dim=3) / count  # (B, H, N, D)
+            k_pool = (k_blocks * weight).sum(dim=3) / count
+            block_has_keys = key_valid.view(batch, n_blocks, bs).any(dim=-1)  # (B, N)
+        if self.causal:
+            q_pool = self._causal_query_pool(q, key_valid)
+        k_gate = k_pool + torch.einsum("bhnd,hde->bhne", k_pool, self.gating_factor)  # (B, H, N, D)
+        gate_scores = (q_pool @ k_gate.transpose(-1, -2)) / math.sqrt(dim)  # (B, H, N, N)
+
+        allowed = block_has_keys[:, None, None, :].expand(-1, 1, n_blocks, -1)  # (B|1, 1, N, N)
+        if self.causal:
+            allowed = allowed & torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=q.device).tril()
+        eye = torch.eye(n_blocks, dtype=torch.bool, device=q.device)
+        # Scores for choosing among the *other* blocks: the own block is always kept separately.
+        neg = torch.finfo(gate_scores.dtype).min
+        others = gate_scores.masked_fill(~allowed | eye, neg)
+        top_k = min(self.top_k_blocks, n_blocks - 1)
+        top_values, top_idx = others.topk(top_k, dim=-1)  # (B, H, N, k)
+        own = torch.arange(n_blocks, device=q.device).view(1, 1, n_blocks, 1).expand(batch, heads, -1, 1)
+        selected = torch.cat([own, top_idx], dim=-1)  # (B, H, N, S)
+        pick_valid = torch.cat([torch.ones_like(own, dtype=torch.bool), top_values > neg / 2], dim=-1)
+        return gate_scores, allowed, selected, pick_valid
+
+    def _causal_query_pool(self, q, key_valid):
+        """(B, H, N, D) mean of the `block_size` queries ending at each block's first token.
+
+        A block mean would let a block's later tokens steer the selection used by its earlier tokens
+        (look-ahead); this window only holds tokens at or before the first query of the block.
+        """
+        batch, heads, padded_len, dim = q.shape
+        bs = self.block_size
+        weight = (
+            torch.ones(1, 1, padded_len, 1, dtype=q.dtype, device=q.device)
+            if key_valid is None
+            else key_valid.view(batch, 1, padded_len, 1).to(q.dtype)
+        )  # (B|1, 1, Tp, 1)
+        zero = q.new_zeros(1, 1, 1, 1)
+        q_cum = torch.cat(
+            [zero.expand(batch, heads, 1, dim), (q * weight).cumsum(dim=2)], dim=2
+        )  # (B, H, Tp+1, D)
+        w_cum = torch.cat([zero.expand(weight.shape[0], 1, 1, 1), weight.cumsum(dim=2)], dim=2)
+        end = torch.arange(0, padded_len, bs, device=q.device) + 1  # one past each block's first token
+        start = (end - bs).clamp_min(0)
+        q_sum = q_cum[:, :, end] - q_cum[:, :, start]  # (B, H, N, D)
+        count = (w_cum[:, :, end] - w_cum[:, :, start]).clamp_min(1.0)
+        return q_sum / count
+
+    def _straight_through(self, gate_scores, allowed, selected, pick_valid):
+        """(B, H, N) factor equal to 1 whose gradient flows into the gate scores."""
+        # Softmax in float32: the gate scores of long sequences span a wide range.
+        logits = gate_scores.float().masked_fill(~allowed, torch.finfo(torch.float32).min)
+        probs = torch.softmax(logits, dim=-1)  # (B, H, N, N)
+        kept = (probs.gather(-1, selected) * pick_valid).sum(dim=-1)  # (B, H, N)
+        return (kept / kept.detach().clamp_min(1e-12)).to(gate_scores.dtype)
+
+    def _block_sparse(self, q, k, v, key_valid, output_attentions):
+        batch, heads, length, dim = q.shape
+        bs = self.block_size
+        n_blocks = math.ceil(length / bs)
+        padded_len = n_blocks * bs
+        if padded_len != length:
+            pad = padded_len - length
+            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))  # (B, H, Tp, D)
+            if key_valid is None:
+                key_valid = torch.ones(batch, length, dtype=torch.bool, device=q.device)
+            key_valid = F.pad(key_valid, (0, pad), value=False)  # (B, Tp)
+
+        gate_scores, allowed, selected, pick_valid = self._select_blocks(q, k, key_valid)
+        factor = self._straight_through(gate_scores, allowed, selected, pick_valid)  # (B, H, N)
+        trace_indices = selected.masked_fill(~pick_valid, -1)
+
+        if self.backend(q.device) == "flex":
+            out = self._flex(q, k, v, key_valid, selected, pick_valid)
+            weights = None
+            if output_attentions:
+                weights = self._gathered(q, k, v, key_valid, selected, pick_valid, want_weights=True)[1]
+        else:
+            out, weights = self._gathered(q, k, v, key_valid, selected, pick_valid, output_attentions)
+        out = out.view(batch, heads, n_blocks, bs, dim) * factor[..., None, None]  # (B, H, N, bs, D)
+        out = out.view(batch, heads, padded_len, dim)[:, :, :length]  # (B, H, T, D)
+        if weights is not None:
+            weights = weights[:, :, :length, :length]
+        return out, AttentionTrace(
+            is_dense=False, block_indices=trace_indices, gate_scores=gate_scores, attention_weights=weights
+        )
+
+    def _gathered_mask(self, key_valid, selected, pick_valid, n_slots):
+        """(B, H, N, bs, S*bs) bool mask of the gathered keys, or None when every key is visible."""
+        batch, heads, n_blocks, _ = selected.shape
+        bs = self.block_size
+        if key_valid is None and not self.causal and bool(pick_valid.all()):
+            return None
+        if key_valid is None:
+            kv_ok = pick_valid[..., None].expand(-1, -1, -1, -1, bs)  # (B, H, N, S, bs)
+        else:
+            valid_blocks = key_valid.view(batch, 1, n_blocks, bs).expand(-1, heads, -1, -1)  # (B, H, N, bs)
+            idx = selected.reshape(batch, heads, n_blocks * n_slots, 1).expand(-1, -1, -1, bs)
+            kv_ok = valid_blocks.gather(2, idx).view(batch, heads, n_blocks, n_slots, bs)
+            kv_ok = kv_ok & pick_valid[..., None]  # (B, H, N, S, bs)
+        mask = kv_ok.reshape(batch, heads, n_blocks, 1, n_slots * bs).expand(-1, -1, -1, bs, -1).clone()
+        own = mask[..., :bs]  # (B, H, N, bs, bs) view of slot 0, the own block
+        if self.causal:
+            own &= torch.ones(bs, bs, dtype=torch.bool, device=mask.device).tril()
+        # Each query sees at least itself, so no softmax row is empty (padded queries are discarded).
+        own |= torch.eye(bs, dtype=torch.bool, device=mask.device)
+        return mask
+
+    def _gathered(self, q, k, v, key_valid, selected, pick_valid, want_weights):
+        """Gather the kept K/V blocks and run one fused SDPA call over all query blocks."""
+        batch, heads, padded_len, dim = q.shape
+        bs = self.block_size
+        n_blocks = padded_len // bs
+        n_slots = selected.shape[-1]
+        # index_select of whole (bs, D) blocks copies contiguous rows; an element-wise gather is ~10x slower.
+        base = torch.arange(batch * heads, device=q.device).view(batch, heads, 1, 1) * n_blocks
+        flat = (selected + base).reshape(-1)  # (B*H*N*S,)
+        k_sel = k.reshape(batch * heads * n_blocks, bs, dim).index_select(0, flat)  # (B*H*N*S, bs, D)
+        v_sel = v.reshape(batch * heads * n_blocks, bs, dim).index_select(0, flat)
+        k_sel = k_sel.view(batch * heads, n_blocks, n_slots * bs, dim)  # (B*H, N, S*bs, D)
+        v_sel = v_sel.view(batch * heads, n_blocks, n_slots * bs, dim)
+        q_blk = q.reshape(batch * heads, n_blocks, bs, dim)  # (B*H, N, bs, D)
+        mask = self._gathered_mask(key_valid, selected, pick_valid, n_slots)
+        if mask is not None:
+            mask = mask.view(batch * heads, n_blocks, bs, n_slots * bs)  # (B*H, N, bs, S*bs)
+        dropout = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q_blk, k_sel, v_sel, attn_mask=mask, dropout_p=dropout)
+        out = out.view(batch, heads, padded_len, dim)  # (B, H, Tp, D)
+        weights = None
+        if want_weights:
+            logits = (q_blk @ k_sel.transpose(-1, -2)) / math.sqrt(dim)  # (B*H, N, bs, S*bs)
+            if mask is not None:
+                logits = logits.masked_fill(~mask, float("-inf"))
+            probs = torch.softmax(logits.float(), dim=-1).to(q.dtype)
+            key_pos = selected[..., None] * bs + torch.arange(bs, device=q.device)  # (B, H, N, S, bs)
+            key_pos = key_pos.view(batch * heads, n_blocks, 1, n_slots * bs).expand(-1, -1, bs, -1)
+            dense = torch.zeros(batch * heads, n_blocks, bs, padded_len, dtype=q.dtype, device=q.device)
+            # scatter_add: an invalid slot repeats the own block with zero weight, adding nothing.
+            dense.scatter_add_(-1, key_pos, probs)
+            weights = dense.view(batch, heads, padded_len, padded_len)
+        return out, weights
+
+    def _flex(self, q, k, v, key_valid, selected, pick_valid):
+        """FlexAttention over a block mask built from the selection (the CUDA backend).
+
+        Blocks that need no element mask (other kept blocks without padding) are declared "full", so
+        the kernel skips `mask_mod` there; the own block (causal diagonal) and padded blocks are partial.
+        """
+        from torch.nn.attention.flex_attention import BlockMask
+
+        padded_len = q.shape[-2]
+        bs = self.block_size
+        n_blocks = padded_len // bs
+        causal = self.causal
+
+        def ordered(slots_valid, slots):
+            # Kept blocks first in ascending order, padded to N columns (the layout BlockMask expects);
+            # entries beyond the count are ignored by the kernel.
+            key = torch.where(slots_valid, slots, slots.new_full((), n_blocks))
+            key = F.pad(key, (0, n_blocks - key.shape[-1]), value=n_blocks)
+            indices = key.sort(dim=-1).values.clamp_max(n_blocks - 1).to(torch.int32)  # (B, H, N, N)
+            return indices, slots_valid.sum(-1).to(torch.int32)
+
+        if key_valid is None and not causal:
+            full_idx, full_num = ordered(pick_valid, selected)
+            part_idx, part_num = full_idx, torch.zeros_like(full_num)
+        elif key_valid is None:
+            full_idx, full_num = ordered(pick_valid[..., 1:], selected[..., 1:])
+            part_idx, part_num = ordered(pick_valid[..., :1], selected[..., :1])
+        else:
+            part_idx, part_num = ordered(pick_valid, selected)
+            full_idx, full_num = None, None
+
+        # The element mask states the full semantics (kept block, causal, padding); the block lists above
+        # only let the fused kernel skip work. Eager (CPU) FlexAttention evaluates the mask alone.
+        kept = torch.zeros(*selected.shape[:3], n_blocks, dtype=torch.bool, device=q.device)
+        kept.scatter_(-1, torch.where(pick_valid, selected, selected[..., :1]), True)  # (B, H, N, N)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            ok = kept[b, h, q_idx // bs, kv_idx // bs]
+            if causal:
+                ok = ok & (q_idx >= kv_idx)
+            if key_valid is not None:
+                ok = ok & key_valid[b, kv_idx]
+            return ok | (q_idx == kv_idx)
+
+        block_mask = BlockMask.from_kv_blocks(
+            part_num,
+            part_idx,
+            full_num,
+            full_idx,
+            BLOCK_SIZE=bs,
+            mask_mod=mask_mod,
+            seq_lengths=(padded_len, padded_len),
+        )
+        flex = _flex_attention() if q.device.type == "cuda" else _eager_flex()
+        return flex(q, k, v, block_mask=block_mask)  # (B, H, Tp, D)
+
+
+def _eager_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention
