@@ -50,12 +50,18 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim = head_dim
+        self.theta = theta
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Return cos, sin of shape (T, D) (or (B, T, D) for per-row positions)."""
-        freqs = positions.to(torch.float32)[..., None] * self.inv_freq  # (..., T, D/2)
+        # Frequencies are recomputed (D/2 numbers) rather than kept in a non-persistent buffer, which
+        # transformers' meta-device loading would leave uninitialised.
+        exponents = (
+            torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=positions.device) / self.head_dim
+        )
+        inv_freq = 1.0 / (self.theta**exponents)  # (D/2,)
+        freqs = positions.to(torch.float32)[..., None] * inv_freq  # (..., T, D/2)
         emb = torch.cat([freqs, freqs], dim=-1)  # (..., T, D)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

@@ -62,6 +62,10 @@ class CoreConfig(PretrainedConfig):
         classifier_pooling: "mean", "last" or "first" token pooling for classification.
         next_step_vocab: items the next-step head can score (0: no head).
         prototype_dim: size of the prototype (few-shot) embedding (0: no head).
+        classification_loss: "ce" (cross-entropy) or "focal" for the classification heads.
+        focal_gamma: focusing parameter of the focal loss.
+        class_weights: per-class loss weights (imbalanced labels), or None.
+        volume_modality_id: modality id given to CT patch tokens.
     """
 
     model_type = "verticals-core"
@@ -105,6 +109,10 @@ class CoreConfig(PretrainedConfig):
         classifier_pooling: str = "mean",
         next_step_vocab: int = 0,
         prototype_dim: int = 0,
+        classification_loss: str = "ce",
+        focal_gamma: float = 2.0,
+        class_weights: Sequence[float] | None = None,
+        volume_modality_id: int = 0,
         initializer_range: float = 0.02,
         **kwargs: Any,
     ) -> None:
@@ -144,11 +152,24 @@ class CoreConfig(PretrainedConfig):
         self.classifier_pooling = classifier_pooling
         self.next_step_vocab = next_step_vocab
         self.prototype_dim = prototype_dim
+        self.classification_loss = classification_loss
+        self.focal_gamma = focal_gamma
+        self.class_weights = list(class_weights) if class_weights is not None else None
+        self.volume_modality_id = volume_modality_id
         self.initializer_range = initializer_range
         # `num_labels` is owned by PretrainedConfig (it builds id2label from it).
-        kwargs.setdefault("num_labels", num_labels)
+        # A saved config carries id2label instead; it then decides the number of labels.
+        if "id2label" not in kwargs:
+            kwargs.setdefault("num_labels", num_labels)
         super().__init__(**kwargs)
         self._validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        # transformers keeps only id2label, and drops it when it has the default two labels; the number of
+        # labels is part of the architecture here (0 means no head), so it is always written.
+        output["num_labels"] = self.num_labels
+        return output
 
     @property
     def head_dim(self) -> int:
@@ -253,3 +274,23 @@ class CoreConfig(PretrainedConfig):
         )
         _expect(self.next_step_vocab >= 0, "next_step_vocab", "an integer >= 0", self.next_step_vocab)
         _expect(self.prototype_dim >= 0, "prototype_dim", "an integer >= 0", self.prototype_dim)
+        _expect(
+            self.classification_loss in ("ce", "focal"),
+            "classification_loss",
+            "one of ('ce', 'focal')",
+            self.classification_loss,
+        )
+        _expect(self.focal_gamma >= 0, "focal_gamma", "a float >= 0", self.focal_gamma)
+        if self.class_weights is not None:
+            _expect(
+                len(self.class_weights) == self.num_labels and all(w >= 0 for w in self.class_weights),
+                "class_weights",
+                f"{self.num_labels} non-negative weights (one per label)",
+                self.class_weights,
+            )
+        _expect(
+            0 <= self.volume_modality_id < self.num_modalities,
+            "volume_modality_id",
+            f"an integer in [0, num_modalities={self.num_modalities})",
+            self.volume_modality_id,
+        )

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
+from sqlalchemy.orm import Session
 
+import core.orm  # noqa: F401 - registers the core tables on Base.metadata
 from core.config import CoreConfig
+from core.db import Base, make_engine
 
 
 @pytest.fixture(autouse=True)
@@ -37,3 +42,33 @@ def tiny_config() -> CoreConfig:
         moe_top_k=2,
         domains=("a", "b"),
     )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def db_session() -> Iterator[Session]:
+    """A session inside an outer transaction that is rolled back on teardown.
+
+    ``join_transaction_mode="create_savepoint"`` turns the code under test's own ``commit()`` /
+    ``begin()`` into savepoints, so nothing it does outlives the test.
+    """
+    engine = make_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    connection = engine.connect()
+    transaction = connection.begin()
+    session = Session(bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
+    try:
+        yield session
+    finally:
+        session.close()
+        transaction.rollback()
+        connection.close()
+        engine.dispose()

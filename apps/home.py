@@ -1,0 +1,93 @@
+"""Home page of the suite: the registered models with their metrics, and where the suite keeps its state."""
+
+from __future__ import annotations
+
+import os
+
+import streamlit as st
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import SuiteSettings, make_engine, make_session_factory, require_current_schema
+from core.errors import VerticalsError
+from core.orm import ModelRun
+from core.repository import list_model_runs
+
+KNOWN_APPS = ("finance", "medical", "education")
+ALL_APPS = "all apps"
+MAX_METRICS_SHOWN = 4
+
+
+@st.cache_resource(show_spinner=False)
+def get_session_factory(db_url: str) -> sessionmaker[Session]:
+    """One engine per database URL for the whole server, after checking its schema is migrated."""
+    engine = make_engine(db_url)
+    require_current_schema(engine)
+    return make_session_factory(engine)
+
+
+def load_runs(db_url: str) -> list[ModelRun]:
+    """Registered model runs, newest first (a fresh read on every rerun: runs are added by the CLI)."""
+    with get_session_factory(db_url)() as session:
+        return list_model_runs(session)
+
+
+def format_value(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+settings = SuiteSettings.resolve(db=None, home=None, environ=os.environ)
+
+st.title("verticals")
+st.caption(
+    "One shared model core with domain-expert routing, serving fraud detection, "
+    "CT-plus-record diagnosis and knowledge-gap recommendation."
+)
+location_home, location_db = st.columns(2)
+location_home.markdown(f"**Home folder (`VERTICALS_HOME`)**  \n`{settings.home}`")
+location_db.markdown(f"**Database (`VERTICALS_DB_URL`)**  \n`{settings.masked_db_url}`")
+
+try:
+    runs = load_runs(settings.db_url)
+except VerticalsError as e:
+    st.error(str(e))
+    st.stop()
+
+if not runs:
+    st.info(
+        "No models are registered yet. Run `verticals demo` to generate data and train every app's model, "
+        "or train one app with `verticals <app> train` (e.g. `verticals finance train`)."
+    )
+    st.stop()
+
+st.subheader("Latest model per app")
+apps = [*KNOWN_APPS, *sorted({run.app for run in runs} - set(KNOWN_APPS))]
+for column, app in zip(st.columns(len(apps)), apps, strict=True):
+    with column:
+        st.markdown(f"**{app}**")
+        latest = next((run for run in runs if run.app == app), None)
+        if latest is None:
+            st.caption(f"No model yet: `verticals {app} train`.")
+            continue
+        st.caption(f"{latest.domain or 'all domains'} · {latest.created_at:%Y-%m-%d %H:%M} UTC")
+        for name, value in list(latest.metrics.items())[:MAX_METRICS_SHOWN]:
+            st.metric(name, format_value(value))
+
+st.subheader("Registered model runs")
+app_filter = st.selectbox("App", [ALL_APPS, *sorted({run.app for run in runs})], key="home_app_filter")
+shown = [run for run in runs if app_filter in (ALL_APPS, run.app)]
+st.dataframe(
+    [
+        {
+            "app": run.app,
+            "domain": run.domain or "",
+            "model dir": run.model_dir,
+            "metrics": run.metrics_summary(),
+            "created (UTC)": run.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            "data fingerprint": run.data_fingerprint,
+            "code version": run.code_version,
+        }
+        for run in shown
+    ],
+    hide_index=True,
+    key="home_runs_table",
+)

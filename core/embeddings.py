@@ -1,0 +1,198 @@
+"""Input embedders per modality: field sequences (records, transactions, interactions) and CT volumes."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from core.config import CoreConfig
+from core.errors import InputValidationError
+
+PAD_INDEX = 0
+UNKNOWN_INDEX = 1
+
+
+class PeriodicEncoding(nn.Module):
+    """Learned periodic encoding of scalars (PLR, Gorishniy et al. 2022): x -> ReLU(W [sin, cos](2 pi f x)).
+
+    One set of `n_frequencies` learned frequencies per feature, then a linear map to `out_size`.
+    """
+
+    def __init__(self, n_features: int, n_frequencies: int, out_size: int, sigma: float = 1.0) -> None:
+        super().__init__()
+        # Frequencies start spread over scales around `sigma` so standardised inputs are resolved.
+        self.frequencies = nn.Parameter(torch.randn(n_features, n_frequencies) * sigma)
+        self.linear = nn.Parameter(torch.empty(n_features, 2 * n_frequencies + 1, out_size))
+        self.bias = nn.Parameter(torch.zeros(n_features, out_size))
+        nn.init.normal_(self.linear, std=1.0 / math.sqrt(2 * n_frequencies + 1))
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        """Encode values of shape (B, T, F) into (B, T, F, out_size)."""
+        angles = 2 * math.pi * values[..., None] * self.frequencies  # (B, T, F, n_freq)
+        features = torch.cat([angles.sin(), angles.cos(), values[..., None]], dim=-1)  # (B, T, F, 2n+1)
+        out = torch.einsum("btfi,fio->btfo", features, self.linear) + self.bias  # (B, T, F, out)
+        return torch.relu(out)
+
+
+class FieldEmbedder(nn.Module):
+    """Embeds tokens made of fields: categorical ids, numeric values and the time since the last token.
+
+    Categorical fields use index 0 for padding and 1 for the unknown bucket (a value not in the
+    vocabulary). Numeric fields are expected roughly standardised by the app (e.g. log-amount, z-scores);
+    a missing numeric value (mask False) gets its own learned embedding instead of a fake number. The
+    token embedding is the sum of its field embeddings, plus modality and domain embeddings.
+    """
+
+    def __init__(self, config: CoreConfig) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.field_names = list(config.categorical_fields)
+        self.categorical = nn.ModuleDict(
+            {
+                name: nn.Embedding(size, hidden, padding_idx=PAD_INDEX)
+                for name, size in config.categorical_fields.items()
+            }
+        )
+        self.n_numeric = len(config.numeric_fields)
+        if self.n_numeric:
+            self.numeric = PeriodicEncoding(self.n_numeric, config.numeric_frequencies, hidden)
+            self.numeric_missing = nn.Parameter(torch.zeros(self.n_numeric, hidden))
+        self.time_delta = (
+            PeriodicEncoding(1, config.numeric_frequencies, hidden) if config.use_time_delta else None
+        )
+        self.modality = nn.Embedding(config.num_modalities, hidden)
+        self.domain = nn.Embedding(config.num_domains, hidden)
+        # Replaces a whole token for masked-field modelling (stage-1 domain adaptation).
+        self.mask_token = nn.Parameter(torch.zeros(hidden))
+        self.norm = nn.RMSNorm(hidden, eps=config.layer_norm_eps)
+
+    def forward(
+        self,
+        categorical: dict[str, torch.Tensor] | None = None,
+        numeric: torch.Tensor | None = None,
+        numeric_mask: torch.Tensor | None = None,
+        time_delta: torch.Tensor | None = None,
+        modality_ids: torch.Tensor | None = None,
+        domain_ids: torch.Tensor | None = None,
+        mfm_mask: torch.Tensor | None = None,
+        shape: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Embed a batch of field tokens.
+
+        Args:
+            categorical: field name -> (B, T) long ids (0 pad, 1 unknown).
+            numeric: (B, T, F) float values in `config.numeric_fields` order.
+            numeric_mask: (B, T, F) bool, True where the value is present (default: all present).
+            time_delta: (B, T) seconds since the previous token (>= 0).
+            modality_ids: (B, T) long, default 0.
+            domain_ids: (B, T) or (B,) long, default 0.
+            mfm_mask: (B, T) bool, tokens replaced by the mask embedding (masked-field modelling).
+            shape: (B, T) when no field tensor gives it.
+
+        Returns:
+            (B, T, hidden) token embeddings.
+        """
+        categorical = categorical or {}
+        batch, length = self._shape(categorical, numeric, time_delta, shape)
+        device = self.modality.weight.device
+        out = torch.zeros(batch, length, self.modality.embedding_dim, device=device)
+        missing = [name for name in self.field_names if name not in categorical]
+        if missing:
+            raise InputValidationError(f"FieldEmbedder: categorical fields {missing} missing from the batch")
+        for name, ids in categorical.items():
+            if name not in self.categorical:
+                raise InputValidationError(
+                    f"FieldEmbedder: unknown categorical field {name!r}; configured fields: {self.field_names}"
+                )
+            table = self.categorical[name]
+            if ids.numel() and (int(ids.max()) >= table.num_embeddings or int(ids.min()) < 0):
+                raise InputValidationError(
+                    f"FieldEmbedder: field {name!r} has ids outside [0, {table.num_embeddings}); "
+                    "map unseen values to the unknown bucket (1) with the saved vocabulary"
+                )
+            out = out + table(ids)
+        if self.n_numeric:
+            if numeric is None:
+                raise InputValidationError(f"FieldEmbedder: numeric values ({self.n_numeric} fields) missing")
+            if not torch.isfinite(numeric[numeric_mask] if numeric_mask is not None else numeric).all():
+                raise InputValidationError(
+                    "FieldEmbedder: numeric values contain NaN or inf; mark them missing"
+                )
+            numeric = torch.nan_to_num(numeric)  # masked-out slots may hold NaN; they are replaced below
+            encoded = self.numeric(numeric)  # (B, T, F, hidden)
+            if numeric_mask is not None:
+                encoded = torch.where(numeric_mask[..., None], encoded, self.numeric_missing)
+            out = out + encoded.sum(dim=2)
+        if self.time_delta is not None and time_delta is not None:
+            out = out + self.time_delta(torch.log1p(time_delta.clamp_min(0))[..., None]).squeeze(2)
+        if mfm_mask is not None:
+            out = torch.where(mfm_mask[..., None], self.mask_token.to(out.dtype), out)
+        out = out + self.modality(self._ids(modality_ids, batch, length, device))
+        out = out + self.domain(self._ids(domain_ids, batch, length, device))
+        return self.norm(out)
+
+    @staticmethod
+    def _ids(ids: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
+        if ids is None:
+            return torch.zeros(batch, length, dtype=torch.long, device=device)
+        return ids[:, None].expand(batch, length) if ids.dim() == 1 else ids
+
+    @staticmethod
+    def _shape(categorical, numeric, time_delta, shape) -> tuple[int, int]:
+        for tensor in (*categorical.values(), numeric, time_delta):
+            if tensor is not None:
+                return tensor.shape[0], tensor.shape[1]
+        if shape is None:
+            raise InputValidationError("FieldEmbedder: the batch has no field tensors and no shape")
+        return shape
+
+
+def sincos_3d(grid: tuple[int, int, int], dim: int, device: torch.device) -> torch.Tensor:
+    """Fixed 3-D sine-cosine position embeddings of shape (D*H*W, dim) (MAE/ViT-3D style)."""
+    per_axis = (dim // 6) * 2  # even share per axis; leftover channels are zero
+    out = torch.zeros(*grid, dim, device=device)
+    coords = torch.meshgrid(
+        *(torch.arange(n, device=device, dtype=torch.float32) for n in grid), indexing="ij"
+    )
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, per_axis, 2, device=device, dtype=torch.float32) / per_axis))
+    for axis, coord in enumerate(coords):
+        angles = coord[..., None] * inv_freq  # (D, H, W, per_axis/2)
+        start = axis * per_axis
+        out[..., start : start + per_axis] = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    return out.view(-1, dim)
+
+
+class VolumeEmbedder(nn.Module):
+    """3-D patch embedding of CT volumes: non-overlapping patches -> tokens with 3-D positions.
+
+    Input volumes are (B, C, D, H, W) (channels are window presets or HU scaled by the app), with each
+    spatial size a multiple of `config.volume_patch_size`.
+    """
+
+    def __init__(self, config: CoreConfig) -> None:
+        super().__init__()
+        self.patch_size = tuple(config.volume_patch_size)
+        self.proj = nn.Conv3d(
+            config.volume_channels, config.hidden_size, kernel_size=self.patch_size, stride=self.patch_size
+        )
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def grid(self, volume_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """Patch grid (D', H', W') of a (B, C, D, H, W) volume, validating divisibility."""
+        spatial = volume_shape[-3:]
+        if any(size % patch for size, patch in zip(spatial, self.patch_size, strict=True)):
+            raise InputValidationError(
+                f"VolumeEmbedder: volume of spatial shape {tuple(spatial)} is not a multiple of the patch "
+                f"size {self.patch_size}; resample or pad the volume to a multiple first"
+            )
+        return tuple(size // patch for size, patch in zip(spatial, self.patch_size, strict=True))
+
+    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+        """Embed (B, C, D, H, W) volumes into (B, D'*H'*W', hidden) patch tokens."""
+        grid = self.grid(tuple(volume.shape))
+        tokens = self.proj(volume)  # (B, hidden, D', H', W')
+        tokens = tokens.flatten(2).transpose(1, 2)  # (B, N, hidden)
+        tokens = tokens + sincos_3d(grid, tokens.shape[-1], tokens.device).to(tokens.dtype)
+        return self.norm(tokens)

@@ -1,0 +1,437 @@
+"""DomainMoE: shared + routed SwiGLU experts behind a domain-prior router, with aux-free load balancing.
+
+Read top to bottom: `SwiGLU` (one expert, also the dense FFN), `DomainMoE` (router, sorted dispatch,
+balancing and per-domain routing statistics), then the training hooks `update_all_balance` and
+`MoEBalanceCallback` that apply the DeepSeek-V3 bias update once per optimizer step.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from transformers import TrainerCallback
+
+from core.config import CoreConfig
+from core.errors import InputValidationError
+
+__all__ = ["DenseFFN", "DomainMoE", "MoEBalanceCallback", "SwiGLU", "update_all_balance"]
+
+logger = logging.getLogger(__name__)
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU feed-forward block `w2(silu(w1 x) * w3 x)` without biases (Shazeer 2020).
+
+    Used for every routed and shared expert of `DomainMoE` and, at width `config.dense_ffn_size`, as the
+    dense FFN of a layer when `config.use_moe` is False.
+
+    Args:
+        hidden_size: input and output width.
+        ffn_size: hidden width of the gate/up projections.
+    """
+
+    def __init__(self, hidden_size: int, ffn_size: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(hidden_size, ffn_size, bias=False)  # gate
+        self.w3 = nn.Linear(hidden_size, ffn_size, bias=False)  # up
+        self.w2 = nn.Linear(ffn_size, hidden_size, bias=False)  # down
+
+    def forward(self, hidden_states: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the block to the last dimension.
+
+        Args:
+            hidden_states: (..., hidden_size).
+            scale: optional (..., 1) per-token factor. Because `w2` is linear, scaling the hidden activation
+                equals scaling the output; `DomainMoE` passes its combine weights here, which costs a pass
+                over `ffn_size` values per token instead of `hidden_size`.
+
+        Returns:
+            (..., hidden_size).
+        """
+        activation = self.w3(hidden_states)  # (..., F)
+        if scale is not None:
+            activation = activation * scale.to(activation.dtype)  # (..., F)
+        return self.w2(F.silu(self.w1(hidden_states)) * activation)
+
+
+#: The dense FFN of a layer without MoE: `DenseFFN(config.hidden_size, config.dense_ffn_size)`.
+DenseFFN = SwiGLU
+
+
+class DomainMoE(nn.Module):
+    """Mixture of SwiGLU experts: always-on shared experts plus top-k routed experts with a domain prior.
+
+    Router logits are a bias-free linear map of the token plus, when `config.router_domain_prior`, a learned
+    per-domain prior (`nn.Embedding(num_domains, n_routed_experts)`, zero at start). The top-k experts are
+    chosen on `logits + expert_bias`; the bias (DeepSeek-V3 auxiliary-loss-free balancing) only steers the
+    choice, while the combine weights are the unbiased softmax probabilities of the chosen experts,
+    renormalised to sum to 1. Token-expert assignments are sorted by expert and every expert runs on its
+    own contiguous slice only, so the routed compute is `top_k / n_routed_experts` of a dense evaluation.
+
+    The `n_shared_experts` shared experts are stored fused as one SwiGLU of width
+    `n_shared_experts * ffn_size`, which is exactly the sum of that many experts of width `ffn_size`
+    (as in DeepSeek-V2/V3).
+
+    Balancing (`config.balance`):
+        - "aux_free": in training mode, forward counts the tokens each routed expert receives
+          (`expert_load`); `update_balance()` (once per optimizer step, see `MoEBalanceCallback`) moves
+          `expert_bias` by `bias_update_rate * sign(mean_load - load_e)` and resets the counts.
+        - "aux_loss": nothing here; the model adds `core.losses.load_balancing_loss(router_logits, ...)`
+          once, scaled by `config.router_aux_loss_coef`.
+        - "none": nothing.
+
+    Routing statistics (telemetry and expert pruning): while `track_routing` is True (the default, in both
+    training and eval) forward adds, per domain, the number of tokens routed to each expert
+    (`domain_expert_counts`) and the summed router probabilities (`domain_expert_mass`) of real tokens.
+    Both are saved with the model; read them with `routing_stats()`, clear them with `reset_routing_stats()`.
+
+    Args:
+        config: reads `hidden_size`, `ffn_size`, `n_routed_experts`, `n_shared_experts`, `moe_top_k`,
+            `num_domains`, `router_domain_prior`, `balance` and `bias_update_rate`.
+    """
+
+    expert_bias: torch.Tensor
+    expert_load: torch.Tensor
+    domain_expert_counts: torch.Tensor
+    domain_expert_mass: torch.Tensor
+
+    def __init__(self, config: CoreConfig) -> None:
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.num_experts = config.n_routed_experts
+        self.num_shared_experts = config.n_shared_experts
+        self.top_k = config.moe_top_k
+        self.num_domains = config.num_domains
+        self.balance = config.balance
+        self.bias_update_rate = config.bias_update_rate
+        self.track_routing = True
+
+        self.router = nn.Linear(config.hidden_size, self.num_experts, bias=False)
+        self.domain_prior: nn.Embedding | None = None
+        if config.router_domain_prior:
+            self.domain_prior = nn.Embedding(self.num_domains, self.num_experts)
+            nn.init.zeros_(self.domain_prior.weight)
+        self.experts = nn.ModuleList(
+            SwiGLU(config.hidden_size, config.ffn_size) for _ in range(self.num_experts)
+        )
+        self.shared_experts: SwiGLU | None = None
+        if self.num_shared_experts > 0:
+            self.shared_experts = SwiGLU(config.hidden_size, config.ffn_size * self.num_shared_experts)
+
+        # Selection-only bias: float32 whatever the model dtype (see `_apply`), since 1e-3 steps vanish in bf16.
+        self.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+        # Tokens per expert since the last `update_balance()`; integer so `.to(dtype)` never rounds it.
+        self.register_buffer("expert_load", torch.zeros(self.num_experts, dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "domain_expert_counts", torch.zeros(self.num_domains, self.num_experts, dtype=torch.long)
+        )
+        self.register_buffer(
+            "domain_expert_mass", torch.zeros(self.num_domains, self.num_experts, dtype=torch.float32)
+        )
+
+    _FLOAT32_BUFFERS = ("expert_bias", "domain_expert_mass")
+
+    def _keep_float32_buffers(self) -> None:
+        # The bias moves in steps of ~1e-3 and the mass is a long running sum: both stall in bf16/fp16.
+        for name in self._FLOAT32_BUFFERS:
+            buffer = self._buffers[name]
+            if buffer is not None and buffer.dtype != torch.float32:
+                self._buffers[name] = buffer.float()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> DomainMoE:
+        """`.to(dtype)`, `.half()`, `.bfloat16()` cast the experts and router but keep the balancing state float32."""
+        super()._apply(fn, recurse)
+        self._keep_float32_buffers()
+        return self
+
+    # ------------------------------------------------------------------ routing
+
+    def route(
+        self, hidden_states_flat: torch.Tensor, domain_ids_flat: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Choose the top-k routed experts of every token and their combine weights.
+
+        Args:
+            hidden_states_flat: (N, hidden_size) tokens.
+            domain_ids_flat: (N,) integer domain id per token, or None for domain 0.
+
+        Returns:
+            topk_idx: (N, top_k) long, distinct expert ids per token, chosen on logits + `expert_bias`.
+            topk_weight: (N, top_k) combine weights in the dtype of the input, summing to 1 per token
+                (unbiased probabilities of the chosen experts, renormalised).
+            router_logits: (N, n_routed_experts) unbiased logits incl. the domain prior (input dtype).
+            probs: (N, n_routed_experts) float32 softmax of `router_logits`.
+        """
+        router_logits = self.router(hidden_states_flat)  # (N, E)
+        if self.domain_prior is not None:
+            if domain_ids_flat is None:
+                router_logits = router_logits + self.domain_prior.weight[0]  # (N, E)
+            else:
+                router_logits = router_logits + self.domain_prior(domain_ids_flat).to(router_logits.dtype)
+        # Softmax in float32: in fp16 exp() overflows for large logits and bf16 keeps ~3 significant digits,
+        # so the renormalised combine weights and the summed routing mass would carry visible rounding error.
+        probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)  # (N, E)
+        with torch.no_grad():
+            # The bias acts in logit space (a factor exp(b_e) on each probability). Added to softmax
+            # probabilities it would swamp the near-zero probabilities of cold experts: the choice among
+            # them would ignore the token and the load would swing between them from step to step.
+            selection_scores = router_logits.float() + self.expert_bias  # (N, E)
+            topk_idx = selection_scores.topk(self.top_k, dim=-1).indices  # (N, k)
+        topk_weight = probs.gather(1, topk_idx)  # (N, k)
+        # If the bias forced a choice of experts whose probabilities underflow, the weights become 0, not NaN.
+        topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True).clamp_min(_TINY)  # (N, k)
+        return topk_idx, topk_weight.to(hidden_states_flat.dtype), router_logits, probs
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        domain_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shared experts on every token plus the weighted top-k routed experts on the real tokens.
+
+        Args:
+            hidden_states: (B, T, hidden_size).
+            domain_ids: (B, T) or (B,) (one domain per sequence) integer ids indexing `config.domains`,
+                or None (every token is domain 0).
+            attention_mask: optional (B, T) bool, True = real token. Padding tokens are not routed, not
+                counted in any statistic, and their output is the shared-expert output (zero without one).
+
+        Returns:
+            hidden_states: (B, T, hidden_size).
+            router_logits: (B * T, n_routed_experts) unbiased router logits (incl. the domain prior), for
+                `core.losses.load_balancing_loss`.
+
+        Raises:
+            InputValidationError: hidden states that are not (B, T, hidden_size), or domain ids / attention
+                mask of the wrong shape, or (on CPU tensors) domain ids outside [0, num_domains).
+        """
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise InputValidationError(
+                f"DomainMoE: hidden_states must be (B, T, hidden_size={self.hidden_size}), "
+                f"got shape {tuple(hidden_states.shape)}"
+            )
+        batch_size, seq_len, hidden_size = hidden_states.shape
+        hidden_states_flat = hidden_states.reshape(-1, hidden_size)  # (N, H), N = B * T
+        domain_ids_flat = self._flatten_domain_ids(domain_ids, batch_size, seq_len, hidden_states.device)
+        real_flat = self._flatten_attention_mask(attention_mask, batch_size, seq_len, hidden_states.device)
+
+        topk_idx, topk_weight, router_logits, probs = self.route(hidden_states_flat, domain_ids_flat)
+        flat_expert = topk_idx.reshape(-1)  # (N * k,) assignment a belongs to token a // k
+        if real_flat is not None:
+            # Padding assignments get the sentinel id E: they sort after every real one, are never run and
+            # fall out of every count.
+            flat_expert = flat_expert.masked_fill(~real_flat.repeat_interleave(self.top_k), self.num_experts)
+        expert_counts = torch.bincount(flat_expert, minlength=self.num_experts + 1)[
+            : self.num_experts
+        ]  # (E,)
+        self._record_routing(flat_expert, expert_counts, probs, domain_ids_flat, real_flat)
+        output = self._dispatch(hidden_states_flat, flat_expert, topk_weight, expert_counts)
+        return output.reshape(batch_size, seq_len, hidden_size), router_logits  # (B, T, H), (N, E)
+
+    def _dispatch(
+        self,
+        hidden_states_flat: torch.Tensor,
+        flat_expert: torch.Tensor,
+        topk_weight: torch.Tensor,
+        expert_counts: torch.Tensor,
+    ) -> torch.Tensor:
+        """Sorted dispatch: each routed expert runs once on the contiguous slice of tokens that chose it."""
+        if self.shared_experts is not None:
+            output = self.shared_experts(hidden_states_flat)  # (N, H)
+        else:
+            output = torch.zeros_like(hidden_states_flat)  # (N, H)
+
+        counts = expert_counts.tolist()  # the one host sync: slice bounds must be Python ints
+        num_routed = sum(counts)
+        if num_routed == 0:
+            return output
+        order = flat_expert.argsort(stable=True)[:num_routed]  # (M,) real assignments grouped by expert
+        token_idx = order // self.top_k  # (M,) token of each sorted assignment
+        expert_inputs = hidden_states_flat.index_select(0, token_idx)  # (M, H), contiguous per expert
+        combine_weight = topk_weight.reshape(-1).index_select(0, order).unsqueeze(-1)  # (M, 1)
+
+        # One in-place index_add_ per expert straight into the shared output: no concatenation of expert
+        # outputs and no extra (M, H) buffer.
+        start = 0
+        for expert_id, count in enumerate(counts):
+            if count == 0:
+                continue
+            end = start + count
+            expert_output = self.experts[expert_id](
+                expert_inputs[start:end], combine_weight[start:end]
+            )  # (c, H)
+            output.index_add_(0, token_idx[start:end], expert_output.to(output.dtype))
+            start = end
+        return output
+
+    @torch.no_grad()
+    def _record_routing(
+        self,
+        flat_expert: torch.Tensor,
+        expert_counts: torch.Tensor,
+        probs: torch.Tensor,
+        domain_ids_flat: torch.Tensor | None,
+        real_flat: torch.Tensor | None,
+    ) -> None:
+        """Add real assignments to the aux-free load and, if tracking, to the per-domain statistics."""
+        self._keep_float32_buffers()  # a checkpoint loaded in bf16 may have cast them
+        if self.training and self.balance == "aux_free":
+            self.expert_load += expert_counts
+        if not self.track_routing:
+            return
+        if real_flat is not None:
+            probs = probs * real_flat.unsqueeze(-1)  # (N, E), padding rows zeroed
+        if domain_ids_flat is None:
+            self.domain_expert_counts[0] += expert_counts
+            self.domain_expert_mass[0] += probs.sum(0)
+            return
+        num_cells = self.num_domains * self.num_experts
+        domain_of_assignment = domain_ids_flat.repeat_interleave(self.top_k)  # (N * k,)
+        cell = domain_of_assignment * self.num_experts + flat_expert  # (N * k,) index into D * E
+        cell = cell.masked_fill(flat_expert == self.num_experts, num_cells)  # padding -> sentinel cell
+        cell_counts = torch.bincount(cell, minlength=num_cells + 1)[:num_cells]  # (D * E,)
+        self.domain_expert_counts += cell_counts.view(self.num_domains, self.num_experts)  # (D, E)
+        self.domain_expert_mass.index_add_(0, domain_ids_flat, probs.to(self.domain_expert_mass.dtype))
+
+    def _flatten_domain_ids(
+        self, domain_ids: torch.Tensor | None, batch_size: int, seq_len: int, device: torch.device
+    ) -> torch.Tensor | None:
+        if domain_ids is None:
+            return None
+        if domain_ids.dtype.is_floating_point or domain_ids.dtype == torch.bool:
+            raise InputValidationError(
+                f"DomainMoE: domain_ids must be integer ids, got dtype {domain_ids.dtype}"
+            )
+        if domain_ids.shape == (batch_size,):
+            domain_ids = domain_ids[:, None].expand(batch_size, seq_len)  # (B, T)
+        elif domain_ids.shape != (batch_size, seq_len):
+            raise InputValidationError(
+                f"DomainMoE: domain_ids must be (B, T)=({batch_size}, {seq_len}) or (B,)=({batch_size},), "
+                f"got shape {tuple(domain_ids.shape)}"
+            )
+        # Range check only where it costs no device sync; CoreModel validates ids once at its entry.
+        if domain_ids.device.type == "cpu" and domain_ids.numel() > 0:
+            low, high = int(domain_ids.min()), int(domain_ids.max())
+            if low < 0 or high >= self.num_domains:
+                raise InputValidationError(
+                    f"DomainMoE: domain_ids must be in [0, num_domains={self.num_domains}), got values in "
+                    f"[{low}, {high}]; map domain names with CoreConfig.domain_id"
+                )
+        return domain_ids.reshape(-1).to(device=device, dtype=torch.long)  # (N,)
+
+    @staticmethod
+    def _flatten_attention_mask(
+        attention_mask: torch.Tensor | None, batch_size: int, seq_len: int, device: torch.device
+    ) -> torch.Tensor | None:
+        if attention_mask is None:
+            return None
+        if attention_mask.shape != (batch_size, seq_len):
+            raise InputValidationError(
+                f"DomainMoE: attention_mask must be (B, T)=({batch_size}, {seq_len}) with True = real token, "
+                f"got shape {tuple(attention_mask.shape)}"
+            )
+        return attention_mask.reshape(-1).to(device=device, dtype=torch.bool)  # (N,)
+
+    # ------------------------------------------------------------------ balancing and statistics
+
+    @torch.no_grad()
+    def update_balance(self) -> None:
+        """DeepSeek-V3 aux-free update: `expert_bias += rate * sign(mean_load - load_e)`, then reset the load.
+
+        Call once per optimizer step (`MoEBalanceCallback` does). Under torch.distributed the loads are summed
+        over ranks first, so every rank applies the same update; run DDP with `broadcast_buffers=False`
+        (`TrainingArguments(ddp_broadcast_buffers=False)`) so per-rank loads are not overwritten by rank 0's.
+        Does nothing unless `config.balance == "aux_free"`.
+        """
+        if self.balance != "aux_free":
+            return
+        self._keep_float32_buffers()
+        load = self.expert_load.float()  # (E,)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load)
+        if load.sum().item() > 0:
+            self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        self.expert_load.zero_()
+
+    def reset_routing_stats(self) -> None:
+        """Clear the per-domain routing statistics (`domain_expert_counts`, `domain_expert_mass`)."""
+        self.domain_expert_counts.zero_()
+        self.domain_expert_mass.zero_()
+
+    def routing_stats(self) -> dict[str, np.ndarray]:
+        """Per-domain routing statistics accumulated since the last reset, for telemetry and pruning.
+
+        Returns:
+            A dict of numpy arrays (D = num_domains, E = n_routed_experts):
+                "counts": (D, E) int64, token-expert assignments of real tokens.
+                "mass": (D, E) float64, summed router probabilities.
+                "tokens": (D,) int64, real tokens seen per domain.
+                "count_share": (D, E) float64, each domain's share of its assignments per expert (rows sum
+                    to 1; 0 for a domain without tokens).
+                "mass_share": (D, E) float64, each domain's share of its router probability mass.
+                "expert_bias": (E,) float64, the current selection bias.
+        """
+        counts = self.domain_expert_counts.detach().cpu().numpy().astype(np.int64)
+        mass = self.domain_expert_mass.detach().float().cpu().numpy().astype(np.float64)
+        return {
+            "counts": counts,
+            "mass": mass,
+            "tokens": counts.sum(axis=1) // self.top_k,
+            "count_share": _row_shares(counts.astype(np.float64)),
+            "mass_share": _row_shares(mass),
+            "expert_bias": self.expert_bias.detach().float().cpu().numpy().astype(np.float64),
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, num_shared_experts={self.num_shared_experts}, "
+            f"top_k={self.top_k}, num_domains={self.num_domains}, balance={self.balance!r}"
+        )
+
+
+def _row_shares(values: np.ndarray) -> np.ndarray:
+    totals = values.sum(axis=1, keepdims=True)
+    return np.divide(values, totals, out=np.zeros_like(values), where=totals > 0)
+
+
+def update_all_balance(model: nn.Module) -> int:
+    """Apply `DomainMoE.update_balance()` to every MoE layer of a model.
+
+    Args:
+        model: any module (a `CoreModel`, a DDP wrapper, a plain container).
+
+    Returns:
+        The number of `DomainMoE` modules found.
+    """
+    moe_layers = [module for module in model.modules() if isinstance(module, DomainMoE)]
+    for moe in moe_layers:
+        moe.update_balance()
+    return len(moe_layers)
+
+
+class MoEBalanceCallback(TrainerCallback):
+    """`transformers.Trainer` callback applying the aux-free bias update after every optimizer step.
+
+    Example:
+        `Trainer(model=model, args=args, callbacks=[MoEBalanceCallback()])`
+    """
+
+    def on_step_end(
+        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
+    ) -> None:
+        """Update the selection bias of every `DomainMoE` in `model` (a no-op when no model is passed)."""
+        if model is None:
+            logger.warning("MoEBalanceCallback.on_step_end received no model; expert biases were not updated")
+            return
+        update_all_balance(model)

@@ -1,0 +1,189 @@
+"""CoreModel contract tests: shapes, heads, padding, determinism, save/load round trip, Auto* registration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel
+
+from core.config import CoreConfig
+from core.data import collate
+from core.errors import InputValidationError
+from core.model import CoreModel, CoreOutput, prototype_logits
+
+
+def model_config(**overrides) -> CoreConfig:
+    values = dict(
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        ffn_size=16,
+        block_size=4,
+        top_k_blocks=1,
+        dense_below=0,
+        dense_tail_layers=0,
+        n_routed_experts=3,
+        moe_top_k=2,
+        domains=("a", "b"),
+        categorical_fields={"merchant": 10, "channel": 4},
+        numeric_fields=["amount"],
+        use_time_delta=True,
+        num_labels=2,
+        next_step_vocab=7,
+        prototype_dim=8,
+        num_modalities=2,
+        volume_modality_id=1,
+    )
+    values.update(overrides)
+    return CoreConfig(**values)
+
+
+def make_batch(batch: int = 2, length: int = 9, with_volume: bool = True) -> dict:
+    out = dict(
+        attention_mask=torch.ones(batch, length, dtype=torch.bool),
+        categorical={
+            "merchant": torch.randint(1, 10, (batch, length)),
+            "channel": torch.randint(1, 4, (batch, length)),
+        },
+        numeric=torch.randn(batch, length, 1),
+        time_delta=torch.rand(batch, length) * 100,
+        domain_ids=torch.tensor([0, 1])[:batch],
+        labels=torch.tensor([0, 1])[:batch],
+        token_labels=torch.randint(0, 2, (batch, length)),
+        next_item_ids=torch.randint(1, 7, (batch, length)),
+        next_labels=torch.randint(0, 2, (batch, length)).float(),
+    )
+    if with_volume:
+        out["volume"] = torch.randn(batch, 1, 8, 32, 32)
+    return out
+
+
+def test_forward_returns_every_head_with_documented_shapes() -> None:
+    model = CoreModel(model_config()).eval()
+    out = model(**make_batch(), output_attentions=True)
+    assert isinstance(out, CoreOutput)
+    assert out.logits.shape == (2, 2)
+    assert out.token_logits.shape == (2, 9, 2)
+    assert out.next_step_logits.shape == (2, 9)
+    assert out.embeddings.shape == (2, 8)
+    torch.testing.assert_close(out.embeddings.norm(dim=-1), torch.ones(2))
+    assert out.hidden_states.shape == (2, 8 + 9, 32)  # 2x2x2 CT patches first, then 9 field tokens
+    assert len(out.router_logits) == 2 and out.router_logits[0].shape == (2 * 17, 3)
+    assert len(out.attentions) == 2 and out.attentions[0].attention_weights.shape == (2, 4, 17, 17)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+
+
+def test_loss_backpropagates_to_every_head() -> None:
+    model = CoreModel(model_config())
+    batch = make_batch()
+    batch["mfm_mask"] = torch.rand(2, 9) < 0.3
+    batch["mfm_mask"][:, 0] = True
+    model(**batch).loss.backward()
+    for name in (
+        "classifier.weight",
+        "next_step.item.weight",
+        "masked_field.numeric.weight",
+        "volume_embedder.proj.weight",
+    ):
+        grad = model.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_padding_does_not_change_real_tokens() -> None:
+    model = CoreModel(model_config(causal=True, classifier_pooling="last")).eval()
+    short = make_batch(batch=1, length=6, with_volume=False)
+    ref = model(**short)
+    long = make_batch(batch=1, length=10, with_volume=False)
+    for name in ("merchant", "channel"):
+        long["categorical"][name][:, :6] = short["categorical"][name]
+    long["numeric"][:, :6] = short["numeric"]
+    long["time_delta"][:, :6] = short["time_delta"]
+    long["attention_mask"][:, 6:] = False
+    out = model(**long)
+    torch.testing.assert_close(out.hidden_states[:, :6], ref.hidden_states, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_same_seed_same_output() -> None:
+    torch.manual_seed(3)
+    first = CoreModel(model_config()).eval()(**make_batch()).logits
+    torch.manual_seed(3)
+    second = CoreModel(model_config()).eval()(**make_batch()).logits
+    assert torch.equal(first, second)
+
+
+def test_missing_ct_modality_is_masked_out() -> None:
+    model = CoreModel(model_config()).eval()
+    batch = make_batch()
+    batch["volume_present"] = torch.tensor([True, False])
+    with_ct = model(**batch).logits
+    batch["volume"] = batch["volume"] * 100.0  # change the image: only the case that has CT may change
+    changed = model(**batch).logits
+    assert not torch.allclose(with_ct[0], changed[0])
+    torch.testing.assert_close(with_ct[1], changed[1])
+
+
+def test_save_load_round_trip_gives_identical_outputs(tmp_path) -> None:
+    model = CoreModel(model_config()).eval()
+    batch = make_batch()
+    expected = model(**batch)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, CoreModel)
+    got = loaded(**batch)
+    assert torch.equal(expected.logits, got.logits)
+    assert torch.equal(expected.next_step_logits, got.next_step_logits)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), CoreConfig)
+
+
+def test_dense_ffn_variant_has_no_router() -> None:
+    model = CoreModel(model_config(use_moe=False)).eval()
+    out = model(**make_batch(with_volume=False))
+    assert out.router_logits is None and model.moe_layers() == []
+
+
+def test_aux_loss_added_only_in_aux_loss_mode() -> None:
+    batch = make_batch(with_volume=False)
+    assert CoreModel(model_config(balance="aux_loss")).train()(**batch).aux_loss > 0
+    assert CoreModel(model_config(balance="aux_free")).train()(**batch).aux_loss is None
+
+
+def test_focal_loss_and_class_weights() -> None:
+    batch = make_batch(with_volume=False)
+    torch.manual_seed(1)
+    ce = CoreModel(model_config()).eval()(**{k: batch[k] for k in batch if k != "token_labels"}).loss
+    torch.manual_seed(1)
+    focal = CoreModel(model_config(classification_loss="focal", class_weights=[1.0, 10.0])).eval()
+    assert torch.isfinite(focal(**batch).loss) and not torch.isclose(
+        ce, focal(**{k: batch[k] for k in batch if k != "token_labels"}).loss
+    )
+
+
+def test_out_of_vocabulary_ids_raise_a_typed_error() -> None:
+    model = CoreModel(model_config()).eval()
+    batch = make_batch(with_volume=False)
+    batch["categorical"]["merchant"][0, 0] = 99
+    with pytest.raises(InputValidationError, match="merchant"):
+        model(**batch)
+
+
+def test_collate_pads_and_model_accepts_it() -> None:
+    examples = [
+        {
+            "categorical": {"merchant": [2, 3, 4], "channel": [1, 1, 2]},
+            "numeric": [[0.1], [0.2], [0.3]],
+            "labels": 1,
+        },
+        {"categorical": {"merchant": [5], "channel": [3]}, "numeric": [[1.0]], "labels": 0},
+    ]
+    batch = collate(examples, pad_to_multiple_of=4)
+    assert batch.attention_mask.tolist() == [[True, True, True, False], [True, False, False, False]]
+    out = CoreModel(model_config(use_time_delta=False)).eval()(**batch.to_dict())
+    assert out.logits.shape == (2, 2)
+
+
+def test_prototype_logits_prefer_the_nearest_prototype() -> None:
+    prototypes = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    logits = prototype_logits(torch.tensor([[0.9, 0.1], [0.0, 1.0]]), prototypes)
+    assert logits.argmax(dim=1).tolist() == [0, 1]
