@@ -60,6 +60,18 @@ def median_time(fn: Callable[[], object], repeats: int, device: torch.device, wa
     return statistics.median(times)
 
 
+def cuda_kernel_time(fn: Callable[[], object], repeats: int) -> float:
+    """Seconds of GPU kernel time per call (profiler sum), i.e. without the host's launch overhead."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(event.self_device_time_total for event in profiler.key_averages())
+    return total_us / 1e6 / repeats
+
+
 def table(title: str, rows: list[dict], columns: list[str]) -> str:
     lines = [f"### {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
@@ -230,6 +242,8 @@ def gpu_attention_section(config: CoreConfig, lengths: list[int], repeats: int, 
 
             t_dense = median_time(dense, repeats, device, warmup=3)
             t_dynamic = median_time(dynamic, repeats, device, warmup=3)
+            k_dense = cuda_kernel_time(dense, repeats)
+            k_dynamic = cuda_kernel_time(dynamic, repeats)
             target = targets.get(length) if not causal else None
             rows.append(
                 {
@@ -238,6 +252,9 @@ def gpu_attention_section(config: CoreConfig, lengths: list[int], repeats: int, 
                     "batch": batch,
                     "sdpa_ms": t_dense * 1e3,
                     "dynamic_flex_ms": t_dynamic * 1e3,
+                    "sdpa_kernel_ms": k_dense * 1e3,
+                    "dynamic_kernel_ms": k_dynamic * 1e3,
+                    "kernel_speedup": k_dense / k_dynamic,
                     "speedup": t_dense / t_dynamic,
                     "target": f">= {target}" if target else "(reported)",
                     "met": (t_dense / t_dynamic) >= target if target else "",
@@ -369,19 +386,33 @@ def main() -> None:
         sections.append(table("CLI start-up", [results["cli"]], list(results["cli"])))
     else:
         lengths = [1024, 4096] if args.quick else [1024, 2048, 4096, 8192]
-        results["attention_gpu"] = gpu_attention_section(config, lengths, repeats, batch=4)
+        results["attention_gpu"] = gpu_attention_section(config, lengths, repeats, batch=8)
         sections.append(
             table(
                 "GPU attention forward+backward, bf16 (FlexAttention block selection vs SDPA)",
                 results["attention_gpu"],
-                ["causal", "length", "batch", "sdpa_ms", "dynamic_flex_ms", "speedup", "target", "met"],
+                [
+                    "causal",
+                    "length",
+                    "batch",
+                    "sdpa_ms",
+                    "dynamic_flex_ms",
+                    "speedup",
+                    "target",
+                    "met",
+                    "sdpa_kernel_ms",
+                    "dynamic_kernel_ms",
+                    "kernel_speedup",
+                ],
             )
         )
         results["moe_gpu"] = moe_section(config, 2048, repeats, device)
         sections.append(
             table("DomainMoE at 2048 tokens (GPU)", [results["moe_gpu"]], list(results["moe_gpu"]))
         )
-        results["training_gpu"] = gpu_training_section(4096, 8, steps=repeats)
+        results["training_gpu"] = gpu_training_section(4096, 8, steps=repeats) + gpu_training_section(
+            8192, 4, steps=repeats
+        )
         sections.append(
             table(
                 "GPU training tokens/s, small CoreModel (L=4096, bf16)",

@@ -90,17 +90,191 @@ def attention_flop_counter() -> FlopCounterMode:
     )
 
 
-def _flex_attention():
-    """FlexAttention compiled once per process (it is only fast under torch.compile)."""
-    global _COMPILED_FLEX
-    if _COMPILED_FLEX is None:
-        from torch.nn.attention.flex_attention import flex_attention
+# ---------------------------------------------------------------------- block selection (stateless)
+def select_blocks(q, k, key_valid, gating_factor, block_size: int, top_k_blocks: int, causal: bool):
+    """Score key blocks per query block and keep the own block plus the top-k allowed ones.
 
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED_FLEX
+    Returns:
+        gate_scores (B, H, N, N), allowed (B|1, 1, N, N) bool, selected (B, H, N, S) long with
+        S = 1 + k, and pick_valid (B, H, N, S) bool.
+    """
+    batch, heads, padded_len, dim = q.shape
+    bs = block_size
+    n_blocks = padded_len // bs
+    q_blocks = q.view(batch, heads, n_blocks, bs, dim)  # (B, H, N, bs, D)
+    k_blocks = k.view(batch, heads, n_blocks, bs, dim)
+    if key_valid is None:
+        q_pool = q_blocks.mean(dim=3)  # (B, H, N, D)
+        k_pool = k_blocks.mean(dim=3)
+        block_has_keys = torch.ones(1, n_blocks, dtype=torch.bool, device=q.device)
+    else:
+        weight = key_valid.view(batch, 1, n_blocks, bs, 1).to(q.dtype)  # (B, 1, N, bs, 1)
+        count = weight.sum(dim=3).clamp_min(1.0)  # (B, 1, N, 1)
+        q_pool = (q_blocks * weight).sum(dim=3) / count  # (B, H, N, D)
+        k_pool = (k_blocks * weight).sum(dim=3) / count
+        block_has_keys = key_valid.view(batch, n_blocks, bs).any(dim=-1)  # (B, N)
+    if causal:
+        q_pool = causal_query_pool(q, key_valid, block_size)
+    k_gate = k_pool + torch.einsum("bhnd,hde->bhne", k_pool, gating_factor.to(k_pool.dtype))  # (B, H, N, D)
+    gate_scores = (q_pool @ k_gate.transpose(-1, -2)) / math.sqrt(dim)  # (B, H, N, N)
+
+    allowed = block_has_keys[:, None, None, :].expand(-1, 1, n_blocks, -1)  # (B|1, 1, N, N)
+    if causal:
+        allowed = allowed & torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=q.device).tril()
+    eye = torch.eye(n_blocks, dtype=torch.bool, device=q.device)
+    # Scores for choosing among the *other* blocks: the own block is always kept separately.
+    neg = torch.finfo(gate_scores.dtype).min
+    others = gate_scores.masked_fill(~allowed | eye, neg)
+    top_k = min(top_k_blocks, n_blocks - 1)
+    top_values, top_idx = others.topk(top_k, dim=-1)  # (B, H, N, k)
+    own = torch.arange(n_blocks, device=q.device).view(1, 1, n_blocks, 1).expand(batch, heads, -1, 1)
+    selected = torch.cat([own, top_idx], dim=-1)  # (B, H, N, S)
+    pick_valid = torch.cat([torch.ones_like(own, dtype=torch.bool), top_values > neg / 2], dim=-1)
+    return gate_scores, allowed, selected, pick_valid
 
 
-_COMPILED_FLEX = None
+def causal_query_pool(q, key_valid, block_size: int):
+    """(B, H, N, D) mean of the `block_size` queries ending at each block's first token.
+
+    A block mean would let a block's later tokens steer the selection used by its earlier tokens
+    (look-ahead); this window only holds tokens at or before the first query of the block.
+    """
+    batch, heads, padded_len, dim = q.shape
+    bs = block_size
+    weight = (
+        torch.ones(1, 1, padded_len, 1, dtype=q.dtype, device=q.device)
+        if key_valid is None
+        else key_valid.view(batch, 1, padded_len, 1).to(q.dtype)
+    )  # (B|1, 1, Tp, 1)
+    zero = q.new_zeros(1, 1, 1, 1)
+    q_cum = torch.cat(
+        [zero.expand(batch, heads, 1, dim), (q * weight).cumsum(dim=2)], dim=2
+    )  # (B, H, Tp+1, D)
+    w_cum = torch.cat([zero.expand(weight.shape[0], 1, 1, 1), weight.cumsum(dim=2)], dim=2)
+    end = torch.arange(0, padded_len, bs, device=q.device) + 1  # one past each block's first token
+    start = (end - bs).clamp_min(0)
+    q_sum = q_cum[:, :, end] - q_cum[:, :, start]  # (B, H, N, D)
+    count = (w_cum[:, :, end] - w_cum[:, :, start]).clamp_min(1.0)
+    return q_sum / count
+
+
+def straight_through(gate_scores, allowed, selected, pick_valid):
+    """(B, H, N) factor equal to 1 whose gradient flows into the gate scores."""
+    # Softmax in float32: the gate scores of long sequences span a wide range.
+    logits = gate_scores.float().masked_fill(~allowed, torch.finfo(torch.float32).min)
+    probs = torch.softmax(logits, dim=-1)  # (B, H, N, N)
+    kept = (probs.gather(-1, selected) * pick_valid).sum(dim=-1)  # (B, H, N)
+    return (kept / kept.detach().clamp_min(1e-12)).to(gate_scores.dtype)
+
+
+def build_block_mask(selected, pick_valid, key_valid, block_size: int, causal: bool, padded_len: int):
+    """The FlexAttention `BlockMask` of a selection (the CUDA backend).
+
+    Blocks that need no element mask (other kept blocks without padding) are declared "full", so
+    the kernel skips `mask_mod` there; the own block (causal diagonal) and padded blocks are partial.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    bs = block_size
+    n_blocks = padded_len // bs
+
+    def ordered(slots_valid, slots):
+        # Kept blocks first in ascending order, padded to N columns (the layout BlockMask expects);
+        # entries beyond the count are ignored by the kernel.
+        key = torch.where(slots_valid, slots, slots.new_full((), n_blocks))
+        key = F.pad(key, (0, n_blocks - key.shape[-1]), value=n_blocks)
+        indices = key.sort(dim=-1).values.clamp_max(n_blocks - 1).to(torch.int32)  # (B, H, N, N)
+        return indices, slots_valid.sum(-1).to(torch.int32)
+
+    if key_valid is None and not causal:
+        full_idx, full_num = ordered(pick_valid, selected)
+        part_idx, part_num = full_idx, torch.zeros_like(full_num)
+    elif key_valid is None:
+        full_idx, full_num = ordered(pick_valid[..., 1:], selected[..., 1:])
+        part_idx, part_num = ordered(pick_valid[..., :1], selected[..., :1])
+    else:
+        part_idx, part_num = ordered(pick_valid, selected)
+        full_idx, full_num = None, None
+
+    # The element mask states the full semantics (kept block, causal, padding); the block lists above
+    # only let the fused kernel skip work. Eager (CPU) FlexAttention evaluates the mask alone.
+    kept = torch.zeros(*selected.shape[:3], n_blocks, dtype=torch.bool, device=selected.device).scatter(
+        -1, torch.where(pick_valid, selected, selected[..., :1]), True
+    )  # (B, H, N, N)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        ok = kept[b, h, q_idx // bs, kv_idx // bs]
+        if causal:
+            ok = ok & (q_idx >= kv_idx)
+        if key_valid is not None:
+            ok = ok & key_valid[b, kv_idx]
+        return ok | (q_idx == kv_idx)
+
+    return BlockMask.from_kv_blocks(
+        part_num,
+        part_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=bs,
+        mask_mod=mask_mod,
+        seq_lengths=(padded_len, padded_len),
+    )
+
+
+def select_and_gate(q, k, key_valid, gating_factor, block_size: int, top_k_blocks: int, causal: bool):
+    """Selection plus the straight-through factor: (gate_scores, factor (B, H, N), selected, pick_valid)."""
+    gate_scores, allowed, selected, pick_valid = select_blocks(
+        q, k, key_valid, gating_factor, block_size, top_k_blocks, causal
+    )
+    return gate_scores, straight_through(gate_scores, allowed, selected, pick_valid), selected, pick_valid
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled(name: str, fn):
+    """`fn` under torch.compile, built once per process."""
+    if name not in _COMPILED:
+        # One graph per (length, causal, dtype, padding) combination; past the default limit of 8,
+        # dynamo would silently fall back to the unfused kernel that materialises every score.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _COMPILED[name] = torch.compile(fn, dynamic=False)
+    return _COMPILED[name]
+
+
+def flex_sparse_attention(
+    q,
+    k,
+    v,
+    key_valid,
+    gating_factor,
+    block_size: int,
+    top_k_blocks: int,
+    causal: bool,
+    compiled: bool = False,
+):
+    """Gate, selection and FlexAttention over the selected blocks (the CUDA backend; eager on CPU).
+
+    Selection and the attention kernel are compiled separately and the block mask is built between them
+    in eager mode: a `mask_mod` that captures tensors made inside a compiled graph was not applied by the
+    fused kernel (torch 2.11), while tensors that exist outside it are, as FlexAttention documents.
+
+    Returns:
+        out (B, H, Tp, D) (already scaled by the straight-through factor), gate_scores (B, H, N, N),
+        selected (B, H, N, S), pick_valid (B, H, N, S).
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    select = _compiled("select", select_and_gate) if compiled else select_and_gate
+    attend = _compiled("flex", flex_attention) if compiled else flex_attention
+    gate_scores, factor, selected, pick_valid = select(
+        q, k, key_valid, gating_factor, block_size, top_k_blocks, causal
+    )
+    batch, heads, padded_len, dim = q.shape
+    block_mask = build_block_mask(selected, pick_valid, key_valid, block_size, causal, padded_len)
+    out = attend(q, k, v, block_mask=block_mask)  # (B, H, Tp, D)
+    out = out.view(batch, heads, -1, block_size, dim) * factor[..., None, None]  # (B, H, N, bs, D)
+    return out.view(batch, heads, padded_len, dim), gate_scores, selected, pick_valid
 
 
 class DynamicAttention(nn.Module):
@@ -193,9 +367,14 @@ class DynamicAttention(nn.Module):
         return self.always_dense or length < threshold or n_blocks <= 1 + self.top_k_blocks
 
     def backend(self, device: torch.device) -> str:
-        """The sparse backend used on `device`: "flex" (FlexAttention block mask) or "gather"."""
+        """The sparse backend used on `device`: "flex" (FlexAttention block mask) or "gather".
+
+        "auto" picks FlexAttention for CUDA inference only. Its backward through this block mask gave
+        NaN gradients in bf16 on an H200 with torch 2.11 (bench/gpu_bf16_check.py), while its forward
+        matched the gather backend, so training takes the gather backend until that is resolved.
+        """
         if self.config.attention_backend == "auto":
-            return "flex" if device.type == "cuda" else "gather"
+            return "flex" if device.type == "cuda" and not torch.is_grad_enabled() else "gather"
         return self.config.attention_backend
 
     # ------------------------------------------------------------------ dense path
@@ -223,79 +402,6 @@ class DynamicAttention(nn.Module):
         return out, AttentionTrace(is_dense=True, attention_weights=weights)
 
     # ------------------------------------------------------------------ block-sparse path
-    def _select_blocks(self, q, k, key_valid):
-        """Score key blocks per query block and keep the own block plus the top-k allowed ones.
-
-        Returns:
-            gate_scores (B, H, N, N), allowed (B|1, 1, N, N) bool, selected (B, H, N, S) long with
-            S = 1 + k, and pick_valid (B, H, N, S) bool.
-        """
-        batch, heads, padded_len, dim = q.shape
-        bs = self.block_size
-        n_blocks = padded_len // bs
-        q_blocks = q.view(batch, heads, n_blocks, bs, dim)  # (B, H, N, bs, D)
-        k_blocks = k.view(batch, heads, n_blocks, bs, dim)
-        if key_valid is None:
-            q_pool = q_blocks.mean(dim=3)  # (B, H, N, D)
-            k_pool = k_blocks.mean(dim=3)
-            block_has_keys = torch.ones(1, n_blocks, dtype=torch.bool, device=q.device)
-        else:
-            weight = key_valid.view(batch, 1, n_blocks, bs, 1).to(q.dtype)  # (B, 1, N, bs, 1)
-            count = weight.sum(dim=3).clamp_min(1.0)  # (B, 1, N, 1)
-            q_pool = (q_blocks * weight).sum(dim=3) / count  # (B, H, N, D)
-            k_pool = (k_blocks * weight).sum(dim=3) / count
-            block_has_keys = key_valid.view(batch, n_blocks, bs).any(dim=-1)  # (B, N)
-        if self.causal:
-            q_pool = self._causal_query_pool(q, key_valid)
-        k_gate = k_pool + torch.einsum("bhnd,hde->bhne", k_pool, self.gating_factor)  # (B, H, N, D)
-        gate_scores = (q_pool @ k_gate.transpose(-1, -2)) / math.sqrt(dim)  # (B, H, N, N)
-
-        allowed = block_has_keys[:, None, None, :].expand(-1, 1, n_blocks, -1)  # (B|1, 1, N, N)
-        if self.causal:
-            allowed = allowed & torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=q.device).tril()
-        eye = torch.eye(n_blocks, dtype=torch.bool, device=q.device)
-        # Scores for choosing among the *other* blocks: the own block is always kept separately.
-        neg = torch.finfo(gate_scores.dtype).min
-        others = gate_scores.masked_fill(~allowed | eye, neg)
-        top_k = min(self.top_k_blocks, n_blocks - 1)
-        top_values, top_idx = others.topk(top_k, dim=-1)  # (B, H, N, k)
-        own = torch.arange(n_blocks, device=q.device).view(1, 1, n_blocks, 1).expand(batch, heads, -1, 1)
-        selected = torch.cat([own, top_idx], dim=-1)  # (B, H, N, S)
-        pick_valid = torch.cat([torch.ones_like(own, dtype=torch.bool), top_values > neg / 2], dim=-1)
-        return gate_scores, allowed, selected, pick_valid
-
-    def _causal_query_pool(self, q, key_valid):
-        """(B, H, N, D) mean of the `block_size` queries ending at each block's first token.
-
-        A block mean would let a block's later tokens steer the selection used by its earlier tokens
-        (look-ahead); this window only holds tokens at or before the first query of the block.
-        """
-        batch, heads, padded_len, dim = q.shape
-        bs = self.block_size
-        weight = (
-            torch.ones(1, 1, padded_len, 1, dtype=q.dtype, device=q.device)
-            if key_valid is None
-            else key_valid.view(batch, 1, padded_len, 1).to(q.dtype)
-        )  # (B|1, 1, Tp, 1)
-        zero = q.new_zeros(1, 1, 1, 1)
-        q_cum = torch.cat(
-            [zero.expand(batch, heads, 1, dim), (q * weight).cumsum(dim=2)], dim=2
-        )  # (B, H, Tp+1, D)
-        w_cum = torch.cat([zero.expand(weight.shape[0], 1, 1, 1), weight.cumsum(dim=2)], dim=2)
-        end = torch.arange(0, padded_len, bs, device=q.device) + 1  # one past each block's first token
-        start = (end - bs).clamp_min(0)
-        q_sum = q_cum[:, :, end] - q_cum[:, :, start]  # (B, H, N, D)
-        count = (w_cum[:, :, end] - w_cum[:, :, start]).clamp_min(1.0)
-        return q_sum / count
-
-    def _straight_through(self, gate_scores, allowed, selected, pick_valid):
-        """(B, H, N) factor equal to 1 whose gradient flows into the gate scores."""
-        # Softmax in float32: the gate scores of long sequences span a wide range.
-        logits = gate_scores.float().masked_fill(~allowed, torch.finfo(torch.float32).min)
-        probs = torch.softmax(logits, dim=-1)  # (B, H, N, N)
-        kept = (probs.gather(-1, selected) * pick_valid).sum(dim=-1)  # (B, H, N)
-        return (kept / kept.detach().clamp_min(1e-12)).to(gate_scores.dtype)
-
     def _block_sparse(self, q, k, v, key_valid, output_attentions):
         batch, heads, length, dim = q.shape
         bs = self.block_size
@@ -308,19 +414,32 @@ class DynamicAttention(nn.Module):
                 key_valid = torch.ones(batch, length, dtype=torch.bool, device=q.device)
             key_valid = F.pad(key_valid, (0, pad), value=False)  # (B, Tp)
 
-        gate_scores, allowed, selected, pick_valid = self._select_blocks(q, k, key_valid)
-        factor = self._straight_through(gate_scores, allowed, selected, pick_valid)  # (B, H, N)
-        trace_indices = selected.masked_fill(~pick_valid, -1)
-
+        weights = None
         if self.backend(q.device) == "flex":
-            out = self._flex(q, k, v, key_valid, selected, pick_valid)
-            weights = None
+            out, gate_scores, selected, pick_valid = flex_sparse_attention(
+                q,
+                k,
+                v,
+                key_valid,
+                self.gating_factor,
+                bs,
+                self.top_k_blocks,
+                self.causal,
+                q.device.type == "cuda",
+            )
             if output_attentions:
                 weights = self._gathered(q, k, v, key_valid, selected, pick_valid, want_weights=True)[1]
         else:
+            gate_scores, allowed, selected, pick_valid = select_blocks(
+                q, k, key_valid, self.gating_factor, bs, self.top_k_blocks, self.causal
+            )
+            factor = straight_through(gate_scores, allowed, selected, pick_valid)  # (B, H, N)
             out, weights = self._gathered(q, k, v, key_valid, selected, pick_valid, output_attentions)
-        out = out.view(batch, heads, n_blocks, bs, dim) * factor[..., None, None]  # (B, H, N, bs, D)
-        out = out.view(batch, heads, padded_len, dim)[:, :, :length]  # (B, H, T, D)
+            out = (out.view(batch, heads, n_blocks, bs, dim) * factor[..., None, None]).view(
+                batch, heads, padded_len, dim
+            )  # (B, H, Tp, D)
+        trace_indices = selected.masked_fill(~pick_valid, -1)
+        out = out[:, :, :length]  # (B, H, T, D)
         if weights is not None:
             weights = weights[:, :, :length, :length]
         return out, AttentionTrace(
@@ -367,7 +486,7 @@ class DynamicAttention(nn.Module):
             mask = mask.view(batch * heads, n_blocks, bs, n_slots * bs)  # (B*H, N, bs, S*bs)
         dropout = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q_blk, k_sel, v_sel, attn_mask=mask, dropout_p=dropout)
-        out = out.view(batch, heads, padded_len, dim)  # (B, H, Tp, D)
+        out = out.reshape(batch, heads, padded_len, dim)  # (B, H, Tp, D); SDPA may return it strided
         weights = None
         if want_weights:
             logits = (q_blk @ k_sel.transpose(-1, -2)) / math.sqrt(dim)  # (B*H, N, bs, S*bs)
@@ -381,65 +500,3 @@ class DynamicAttention(nn.Module):
             dense.scatter_add_(-1, key_pos, probs)
             weights = dense.view(batch, heads, padded_len, padded_len)
         return out, weights
-
-    def _flex(self, q, k, v, key_valid, selected, pick_valid):
-        """FlexAttention over a block mask built from the selection (the CUDA backend).
-
-        Blocks that need no element mask (other kept blocks without padding) are declared "full", so
-        the kernel skips `mask_mod` there; the own block (causal diagonal) and padded blocks are partial.
-        """
-        from torch.nn.attention.flex_attention import BlockMask
-
-        padded_len = q.shape[-2]
-        bs = self.block_size
-        n_blocks = padded_len // bs
-        causal = self.causal
-
-        def ordered(slots_valid, slots):
-            # Kept blocks first in ascending order, padded to N columns (the layout BlockMask expects);
-            # entries beyond the count are ignored by the kernel.
-            key = torch.where(slots_valid, slots, slots.new_full((), n_blocks))
-            key = F.pad(key, (0, n_blocks - key.shape[-1]), value=n_blocks)
-            indices = key.sort(dim=-1).values.clamp_max(n_blocks - 1).to(torch.int32)  # (B, H, N, N)
-            return indices, slots_valid.sum(-1).to(torch.int32)
-
-        if key_valid is None and not causal:
-            full_idx, full_num = ordered(pick_valid, selected)
-            part_idx, part_num = full_idx, torch.zeros_like(full_num)
-        elif key_valid is None:
-            full_idx, full_num = ordered(pick_valid[..., 1:], selected[..., 1:])
-            part_idx, part_num = ordered(pick_valid[..., :1], selected[..., :1])
-        else:
-            part_idx, part_num = ordered(pick_valid, selected)
-            full_idx, full_num = None, None
-
-        # The element mask states the full semantics (kept block, causal, padding); the block lists above
-        # only let the fused kernel skip work. Eager (CPU) FlexAttention evaluates the mask alone.
-        kept = torch.zeros(*selected.shape[:3], n_blocks, dtype=torch.bool, device=q.device)
-        kept.scatter_(-1, torch.where(pick_valid, selected, selected[..., :1]), True)  # (B, H, N, N)
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            ok = kept[b, h, q_idx // bs, kv_idx // bs]
-            if causal:
-                ok = ok & (q_idx >= kv_idx)
-            if key_valid is not None:
-                ok = ok & key_valid[b, kv_idx]
-            return ok | (q_idx == kv_idx)
-
-        block_mask = BlockMask.from_kv_blocks(
-            part_num,
-            part_idx,
-            full_num,
-            full_idx,
-            BLOCK_SIZE=bs,
-            mask_mod=mask_mod,
-            seq_lengths=(padded_len, padded_len),
-        )
-        flex = _flex_attention() if q.device.type == "cuda" else _eager_flex()
-        return flex(q, k, v, block_mask=block_mask)  # (B, H, Tp, D)
-
-
-def _eager_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return flex_attention

@@ -37,7 +37,8 @@ class CoreConfig(PretrainedConfig):
         block_size: tokens per key/query block of the dynamic attention.
         top_k_blocks: key blocks each query block keeps besides its own block.
         dense_below: sequences shorter than this use exact dense attention.
-        dense_below_gpu: the same threshold on CUDA, where fused dense kernels win longer.
+        dense_below_gpu: the same threshold on CUDA, where fused dense kernels win longer (training a small
+            model on an H200 broke even at 8192 tokens; see bench/core_bench.py).
         dense_tail_layers: the last N layers always use dense attention.
         output_gate: sigmoid output gate per head after attention.
         causal: causal (next-step) or bidirectional attention.
@@ -84,7 +85,7 @@ class CoreConfig(PretrainedConfig):
         block_size: int = 128,
         top_k_blocks: int = 1,
         dense_below: int = 512,
-        dense_below_gpu: int = 2048,
+        dense_below_gpu: int = 8192,
         dense_tail_layers: int = 1,
         output_gate: bool = True,
         causal: bool = False,

@@ -66,8 +66,8 @@ def load_balancing_loss(
         bad_sizes = sorted({logits.shape[0] for logits in layers if logits.shape[0] != token_weight.numel()})
         if bad_sizes:
             raise InputValidationError(
-                f"load_balancing_loss: attention_mask has {token_weight.numel()} tokens but router logits have "
-                f"{bad_sizes} rows; pass the (B, T) mask of the batch that produced them"
+                f"load_balancing_loss: attention_mask has {token_weight.numel()} tokens but router logits "
+                f"have {bad_sizes} rows; pass the (B, T) mask of the batch that produced them"
             )
 
     # Accumulate layer by layer so memory stays O(N * E) whatever the number of layers.

@@ -102,6 +102,7 @@ class DomainMoE(nn.Module):
     expert_load: torch.Tensor
     domain_expert_counts: torch.Tensor
     domain_expert_mass: torch.Tensor
+    _FLOAT32_BUFFERS = ("expert_bias", "domain_expert_mass")
 
     def __init__(self, config: CoreConfig) -> None:
         super().__init__()
@@ -119,14 +120,13 @@ class DomainMoE(nn.Module):
         if config.router_domain_prior:
             self.domain_prior = nn.Embedding(self.num_domains, self.num_experts)
             nn.init.zeros_(self.domain_prior.weight)
-        self.experts = nn.ModuleList(
-            SwiGLU(config.hidden_size, config.ffn_size) for _ in range(self.num_experts)
-        )
+        expert_sizes = (config.hidden_size, config.ffn_size)
+        self.experts = nn.ModuleList(SwiGLU(*expert_sizes) for _ in range(self.num_experts))
         self.shared_experts: SwiGLU | None = None
         if self.num_shared_experts > 0:
             self.shared_experts = SwiGLU(config.hidden_size, config.ffn_size * self.num_shared_experts)
 
-        # Selection-only bias: float32 whatever the model dtype (see `_apply`), since 1e-3 steps vanish in bf16.
+        # Selection-only bias, float32 whatever the model dtype (see `_apply`): 1e-3 steps vanish in bf16.
         self.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32))
         # Tokens per expert since the last `update_balance()`; integer so `.to(dtype)` never rounds it.
         self.register_buffer("expert_load", torch.zeros(self.num_experts, dtype=torch.long), persistent=False)
@@ -137,8 +137,6 @@ class DomainMoE(nn.Module):
             "domain_expert_mass", torch.zeros(self.num_domains, self.num_experts, dtype=torch.float32)
         )
 
-    _FLOAT32_BUFFERS = ("expert_bias", "domain_expert_mass")
-
     def _keep_float32_buffers(self) -> None:
         # The bias moves in steps of ~1e-3 and the mass is a long running sum: both stall in bf16/fp16.
         for name in self._FLOAT32_BUFFERS:
@@ -147,7 +145,7 @@ class DomainMoE(nn.Module):
                 self._buffers[name] = buffer.float()
 
     def _apply(self, fn: Any, recurse: bool = True) -> DomainMoE:
-        """`.to(dtype)`, `.half()`, `.bfloat16()` cast the experts and router but keep the balancing state float32."""
+        """Let `.to(dtype)`, `.half()`, `.bfloat16()` cast the weights; the balancing state stays float32."""
         super()._apply(fn, recurse)
         self._keep_float32_buffers()
         return self
@@ -232,9 +230,8 @@ class DomainMoE(nn.Module):
             # Padding assignments get the sentinel id E: they sort after every real one, are never run and
             # fall out of every count.
             flat_expert = flat_expert.masked_fill(~real_flat.repeat_interleave(self.top_k), self.num_experts)
-        expert_counts = torch.bincount(flat_expert, minlength=self.num_experts + 1)[
-            : self.num_experts
-        ]  # (E,)
+        expert_counts = torch.bincount(flat_expert, minlength=self.num_experts + 1)  # (E + 1,)
+        expert_counts = expert_counts[: self.num_experts]  # (E,) real assignments per expert
         self._record_routing(flat_expert, expert_counts, probs, domain_ids_flat, real_flat)
         output = self._dispatch(hidden_states_flat, flat_expert, topk_weight, expert_counts)
         return output.reshape(batch_size, seq_len, hidden_size), router_logits  # (B, T, H), (N, E)
@@ -268,9 +265,8 @@ class DomainMoE(nn.Module):
             if count == 0:
                 continue
             end = start + count
-            expert_output = self.experts[expert_id](
-                expert_inputs[start:end], combine_weight[start:end]
-            )  # (c, H)
+            expert = self.experts[expert_id]
+            expert_output = expert(expert_inputs[start:end], combine_weight[start:end])  # (count, H)
             output.index_add_(0, token_idx[start:end], expert_output.to(output.dtype))
             start = end
         return output

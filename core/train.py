@@ -127,6 +127,8 @@ def default_training_args(
         remove_unused_columns=False,  # examples are dicts of arrays, not named model inputs
         # Routed experts that receive no token in a step have no gradient; DDP must allow that.
         ddp_find_unused_parameters=True,
+        # Each rank keeps its own expert-load counts; update_balance() sums them across ranks.
+        ddp_broadcast_buffers=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=False,

@@ -32,7 +32,7 @@ def test_flex_backend_matches_gather_backend_forward_and_backward(causal: bool) 
     hidden = torch.randn(2, 1024, 128, device="cuda", requires_grad=True)
     out_flex, _ = flex(hidden)
     out_gather, _ = gather(hidden)
-    torch.testing.assert_close(out_flex, out_gather, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(out_flex, out_gather, atol=2e-3, rtol=2e-3)  # TF32 inside the fused kernel
     (g_flex,) = torch.autograd.grad(out_flex.sum(), hidden)
     (g_gather,) = torch.autograd.grad(out_gather.sum(), hidden)
     torch.testing.assert_close(g_flex, g_gather, atol=2e-3, rtol=2e-3)

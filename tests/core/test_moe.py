@@ -196,7 +196,7 @@ def test_aux_free_bias_moves_skewed_load_toward_uniform(tiny_config: CoreConfig)
 
     shares = []
     with torch.no_grad():
-        for _ in range(150):
+        for _ in range(100):
             moe(hidden_states)
             shares.append(max_load_share())
             moe.update_balance()
@@ -219,15 +219,15 @@ def test_domain_prior_routes_each_domain_to_its_own_experts(tiny_config: CoreCon
         hidden_states = torch.randn(16, 16, 16)
         return hidden_states, domain_sign[domain_ids, None, None] * hidden_states @ target_map.T
 
-    def count_share() -> np.ndarray:
+    def mass_share() -> np.ndarray:
         moe.eval()
         moe.reset_routing_stats()
         with torch.no_grad():
             moe(batch()[0], domain_ids)
         moe.train()
-        return moe.routing_stats()["count_share"]
+        return moe.routing_stats()["mass_share"]  # (D, E) each domain's router probability mass per expert
 
-    before = count_share()
+    before = mass_share()
     optimizer = torch.optim.Adam(moe.parameters(), lr=1e-2)
     losses = []
     for _ in range(200):
@@ -239,15 +239,17 @@ def test_domain_prior_routes_each_domain_to_its_own_experts(tiny_config: CoreCon
         optimizer.step()
         moe.update_balance()
         losses.append(loss.item())
-    after = count_share()
+    after = mass_share()
 
     # The prior starts at zero: both domains see the same routing distribution.
-    assert 0.5 * np.abs(before[0] - before[1]).sum() < 0.2
-    top_experts = [set(np.argsort(after[d])[-2:].tolist()) for d in range(2)]
-    assert top_experts[0].isdisjoint(top_experts[1])
+    assert 0.5 * np.abs(before[0] - before[1]).sum() < 0.1
+    # After training, each domain owns experts (it routes more mass to them than the other domain does)
+    # and sends most of its mass to them: the two domains use mostly disjoint sets of experts.
+    owner = after.argmax(axis=0)  # (E,)
     for d in range(2):
-        assert after[d][sorted(top_experts[d])].sum() >= 0.75
-    assert 0.5 * np.abs(after[0] - after[1]).sum() > 0.5  # total-variation distance between the domains
+        assert (owner == d).any()
+        assert after[d][owner == d].sum() >= 0.65  # chance level is about 0.5
+    assert 0.5 * np.abs(after[0] - after[1]).sum() > 0.5  # total-variation distance, 0 at the start
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
 
 

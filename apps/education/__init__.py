@@ -1,0 +1,1 @@
+"""Education vertical: knowledge tracing, knowledge-gap recommendation and the tutor dashboard."""

@@ -1,0 +1,204 @@
+"""Canonical interactions -> vocabulary indices -> per-student sequences -> pyKT-protocol windows.
+
+`build_vocabularies` (training data) and `to_sequences` map ids to indices and pack each student's answers
+sorted by time; `make_windows` cuts them into model-sized windows the way pyKT trains (`"chunks"`) and
+evaluates (`"sliding"`). The tensors for `core` are built from `SequenceWindows`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from apps.education.schema import (
+    PAD_INDEX,
+    SKILL_SEPARATOR,
+    OnUnknown,
+    SequenceWindows,
+    StudentSequences,
+    Vocabulary,
+    split_skills,
+)
+from core.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+WindowMode = Literal["sliding", "chunks"]
+
+PYKT_MAXLEN = 200
+"""pyKT's sequence length: longer sequences are cut (training) or slid over (evaluation)."""
+
+PYKT_MIN_LENGTH = 3
+"""pyKT drops sequences (and trailing training chunks) shorter than this."""
+
+
+def build_vocabularies(frame: pd.DataFrame, *, min_count: int = 1) -> tuple[Vocabulary, Vocabulary]:
+    """Build the item and skill vocabularies from training interactions.
+
+    Args:
+        frame: Canonical interactions (training data only).
+        min_count: Ids seen fewer times map to the unknown index.
+
+    Returns:
+        (item vocabulary, skill vocabulary); multi-skill cells are split into their skills.
+    """
+    items = Vocabulary.build(frame["item_id"], name="item_id", min_count=min_count)
+    skills = Vocabulary.build(split_skills(frame["skill_id"]), name="skill_id", min_count=min_count)
+    return items, skills
+
+
+def to_sequences(
+    frame: pd.DataFrame,
+    item_vocab: Vocabulary,
+    skill_vocab: Vocabulary,
+    *,
+    on_unknown: OnUnknown = "raise",
+) -> StudentSequences:
+    """Map ids through the vocabularies and pack each student's answers, sorted by time.
+
+    Students keep their order of first appearance; within a student answers are sorted by
+    (`timestamp`, `order`) with a stable sort (NaT sorts first, so untimed sources sort by `order`).
+
+    Args:
+        frame: Canonical interactions.
+        item_vocab: Item vocabulary (from training).
+        skill_vocab: Skill vocabulary (from training).
+        on_unknown: `"raise"` (default): an id missing from a vocabulary raises, naming the row;
+            `"unknown"`: map it to the unknown index.
+
+    Returns:
+        The packed sequences (see `StudentSequences` for shapes).
+
+    Raises:
+        InputValidationError: An unknown id with `on_unknown="raise"`.
+    """
+    codes, user_ids = pd.factorize(frame["user_id"], sort=False)
+    timestamp = frame["timestamp"]
+    time_ns = timestamp.to_numpy(dtype="datetime64[ns]").astype(np.int64)
+    no_time = timestamp.isna().to_numpy()
+    time_ns = np.where(no_time, np.iinfo(np.int64).min, time_ns)
+    order = np.lexsort((np.arange(len(frame)), frame["order"].to_numpy(), time_ns, codes))
+    sorted_frame = frame.iloc[order]
+    codes = codes[order]
+    rows = sorted_frame["source_row"].to_numpy()
+
+    items = item_vocab.encode(sorted_frame["item_id"], on_unknown=on_unknown, row_labels=rows)
+    skills = _encode_skills(sorted_frame["skill_id"], skill_vocab, on_unknown=on_unknown, rows=rows)
+
+    offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(codes, minlength=len(user_ids)), out=offsets[1:])
+    first = np.zeros(len(codes), dtype=bool)
+    first[offsets[:-1][np.diff(offsets) > 0]] = True
+    times = time_ns[order].astype(np.float64)
+    elapsed = np.diff(times, prepend=times[:1]) / 1e9
+    elapsed[first] = 0.0
+    elapsed[no_time[order]] = np.nan
+    return StudentSequences(
+        user_ids=np.asarray(user_ids.astype(str), dtype=object),
+        offsets=offsets,
+        items=items,
+        skills=skills,
+        correct=sorted_frame["correct"].to_numpy(dtype=np.int8),
+        elapsed_s=elapsed.astype(np.float32),
+        response_time_ms=sorted_frame["response_time_ms"].to_numpy(dtype=np.float32, na_value=np.nan),
+        source_row=rows.astype(np.int64),
+    )
+
+
+def _encode_skills(
+    skill_ids: pd.Series, vocab: Vocabulary, *, on_unknown: OnUnknown, rows: np.ndarray
+) -> np.ndarray:
+    """Skill cells -> (N, K) indices, K = most skills on one item, padded with PAD_INDEX."""
+    if not skill_ids.str.contains(SKILL_SEPARATOR, regex=False).any():
+        return vocab.encode(skill_ids, on_unknown=on_unknown, row_labels=rows)[:, None]
+    parts = split_skills(skill_ids.reset_index(drop=True))
+    owner = parts.index.to_numpy()
+    slot = parts.groupby(level=0).cumcount().to_numpy()
+    encoded = vocab.encode(parts, on_unknown=on_unknown, row_labels=rows[owner])
+    out = np.full((len(skill_ids), int(slot.max()) + 1), PAD_INDEX, dtype=np.int64)
+    out[owner, slot] = encoded
+    return out
+
+
+def make_windows(
+    sequences: StudentSequences,
+    *,
+    maxlen: int = PYKT_MAXLEN,
+    mode: WindowMode = "sliding",
+    min_length: int = PYKT_MIN_LENGTH,
+) -> SequenceWindows:
+    """Cut per-student sequences into windows of at most `maxlen` answers, following pyKT.
+
+    Students with fewer than `min_length` answers are dropped (pyKT drops them when preprocessing).
+
+    - `mode="sliding"` (pyKT's reported evaluation, `generate_window_sequences`): a student with at most
+      `maxlen` answers is one window scoring positions 1..n-1. A longer student gets the window
+      [0, maxlen) scoring positions 1..maxlen-1, then for every later answer j (maxlen <= j < n) the
+      window [j-maxlen+1, j+1) that scores only its last slot, so answer j is predicted from the previous
+      `maxlen - 1` answers. Every answer after a student's first is scored exactly once.
+    - `mode="chunks"` (pyKT's training/validation, `generate_sequences`): consecutive non-overlapping
+      windows of `maxlen`; a trailing chunk shorter than `min_length` is dropped; every chunk scores its
+      slots 1.. (the first slot of a chunk has no history inside the window, as in pyKT).
+
+    Windows are padded to `min(maxlen, longest window)` slots.
+
+    Args:
+        sequences: Output of `to_sequences`.
+        maxlen: Window length (pyKT: 200).
+        mode: `"sliding"` or `"chunks"`.
+        min_length: Shortest student / chunk kept (pyKT: 3).
+
+    Returns:
+        The windows (see `SequenceWindows` for shapes and masks).
+
+    Raises:
+        ConfigError: `mode` is unknown or `maxlen < 2`.
+    """
+    if mode not in ("sliding", "chunks"):
+        raise ConfigError(f"mode must be 'sliding' or 'chunks'; got {mode!r}.")
+    if maxlen < 2:
+        raise ConfigError(f"maxlen must be at least 2 (one history answer and one target); got {maxlen}.")
+    lengths = sequences.lengths
+    kept = np.flatnonzero(lengths >= min_length)
+    if len(kept) < len(lengths):
+        logger.info(
+            "make_windows: dropped %d student(s) shorter than %d", len(lengths) - len(kept), min_length
+        )
+    n = lengths[kept]
+    if mode == "sliding":
+        n_windows = np.where(n > maxlen, n - maxlen + 1, 1)
+    else:
+        n_windows = n // maxlen + (n % maxlen >= min_length)
+    student = np.repeat(kept, n_windows)
+    n_of_window = np.repeat(n, n_windows)
+    k = np.arange(len(student)) - np.repeat(np.cumsum(n_windows) - n_windows, n_windows)
+    if mode == "sliding":
+        start = k
+        length = np.minimum(n_of_window, maxlen)
+        target_from = np.where(k == 0, 1, maxlen - 1)
+    else:
+        start = k * maxlen
+        length = np.minimum(n_of_window - start, maxlen)
+        target_from = np.ones_like(k)
+    width = int(length.max()) if len(length) else 0
+    slot = np.arange(width)[None, :]  # (1, L)
+    valid = slot < length[:, None]  # (W, L)
+    position = np.where(valid, start[:, None] + slot, -1)  # (W, L)
+    flat = np.where(valid, sequences.offsets[student][:, None] + position, 0)  # (W, L)
+    items = np.where(valid, sequences.items[flat], PAD_INDEX)
+    skills = np.where(valid[..., None], sequences.skills[flat], PAD_INDEX)  # (W, L, K)
+    correct = np.where(valid, sequences.correct[flat], 0).astype(np.int8)
+    elapsed = np.where(valid, sequences.elapsed_s[flat], np.nan).astype(np.float32)
+    return SequenceWindows(
+        student=student.astype(np.int64),
+        position=position.astype(np.int64),
+        items=items.astype(np.int64),
+        skills=skills.astype(np.int64),
+        correct=correct,
+        elapsed_s=elapsed,
+        attention_mask=valid,
+        target_mask=valid & (slot >= target_from[:, None]),
+    )

@@ -1,0 +1,1 @@
+"""Fraud detection on card/account transaction sequences: schema, adapters and a synthetic data generator."""

@@ -1,0 +1,126 @@
+"""The phantom generator: valid DICOM read back with the right geometry, lesions per label, determinism."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import warnings
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+from apps.medical.adapters import read_record, read_series
+from apps.medical.synthetic import LABELS, PATTERN_GIVEN_LABEL, generate, make_case
+from core.errors import ConfigError
+
+SHAPE = (12, 48, 48)
+SEED = 5
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """One case per label."""
+    out = tmp_path_factory.mktemp("synthetic")
+    manifest = generate(out, len(LABELS), SEED, shape=SHAPE, labels=LABELS)
+    with manifest.open(newline="") as handle:
+        return out, list(csv.DictReader(handle))
+
+
+def test_manifest_lists_every_case(dataset):
+    out, rows = dataset
+    assert [r["label"] for r in rows] == list(LABELS)
+    assert list(rows[0]) == ["case_id", "series_dir", "record_file", "label", "pattern", "lesion_voxels"]
+    for row in rows:
+        assert (out / row["series_dir"]).is_dir() and (out / row["record_file"]).is_file()
+        assert row["pattern"] in PATTERN_GIVEN_LABEL[row["label"]]
+
+
+def test_files_are_valid_ct_dicom(dataset):
+    out, rows = dataset
+    files = sorted((out / rows[0]["series_dir"]).iterdir())
+    assert len(files) == SHAPE[0]
+    ds = pydicom.dcmread(files[0])  # no force: a real Part 10 file with preamble and meta
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert ds.SOPClassUID == CTImageStorage and ds.Modality == "CT"
+    assert ds.pixel_array.shape == SHAPE[1:] and ds.RescaleIntercept == -1024
+    assert len({pydicom.dcmread(f).SOPInstanceUID for f in files}) == SHAPE[0]
+
+
+def test_adapter_reads_the_series_back_with_the_right_geometry_and_hu(dataset):
+    out, rows = dataset
+    for index, row in enumerate(rows):
+        case = make_case(index, SEED, label=row["label"], shape=SHAPE)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a clean series: no degraded-input warnings
+            volume = read_series(out / row["series_dir"])
+        assert volume.shape == SHAPE
+        assert volume.spacing == pytest.approx(case.spacing)
+        assert volume.origin == pytest.approx(case.origin, abs=1e-4)
+        np.testing.assert_allclose(volume.direction, np.eye(3)[[2, 1, 0]])
+        assert volume.is_uniform and volume.tilt_deg == 0.0
+        np.testing.assert_array_equal(volume.padding_mask, np.broadcast_to(~case.inside_field, SHAPE))
+        np.testing.assert_array_equal(volume.hu[:, case.inside_field], case.hu[:, case.inside_field])
+        assert read_record(out / row["record_file"]) == case.record
+        assert volume.patient_id == case.record.patient_id
+
+
+def test_lesions_are_present_for_every_abnormal_label(dataset):
+    _, rows = dataset
+    for index, row in enumerate(rows):
+        case = make_case(index, SEED, label=row["label"], shape=SHAPE)
+        assert int(row["lesion_voxels"]) == int(case.lesion_mask.sum())
+        if row["label"] == "normal":
+            assert not case.lesion_mask.any()
+            continue
+        assert case.lesion_mask.any(), row
+        # Lung is about -850 HU; every lesion (solid, ground glass, cavity wall, miliary dots) is denser.
+        assert case.hu[case.lesion_mask].mean() > -750, row
+
+
+def test_lungs_mediastinum_and_bone_have_their_densities():
+    case = make_case(0, SEED, label="normal", shape=SHAPE)
+    middle = case.hu[SHAPE[0] // 2]
+    assert (middle < -700).mean() > 0.1  # lungs and outside air
+    assert middle.max() > 300  # spine / ribs
+    assert ((middle > -50) & (middle < 100)).mean() > 0.1  # soft tissue
+
+
+def test_generation_is_deterministic_under_the_seed(tmp_path):
+    def digest(folder):
+        return {
+            p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in folder.rglob("*")
+            if p.is_file()
+        }
+
+    first = digest(generate(tmp_path / "a", 2, 11, shape=SHAPE).parent)
+    second = digest(generate(tmp_path / "b", 2, 11, shape=SHAPE).parent)
+    other = digest(generate(tmp_path / "c", 2, 12, shape=SHAPE).parent)
+    assert first == second
+    assert first["cases.csv"] == second["cases.csv"] and first != other
+
+
+def test_each_ambiguous_image_pattern_belongs_to_several_labels():
+    # The design that makes fusion necessary: the image alone cannot tell these labels apart.
+    producers = {}
+    for label, patterns in PATTERN_GIVEN_LABEL.items():
+        for pattern in patterns:
+            producers.setdefault(pattern, set()).add(label)
+    assert producers["ground_glass"] >= {"pneumonia", "malignancy"}
+    assert producers["solid_nodule"] >= {"benign_nodule", "malignancy"}
+    assert producers["cavity"] >= {"pneumonia", "tuberculosis"}
+
+
+def test_invalid_requests_are_config_errors(tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("x")
+    with pytest.raises(ConfigError, match="empty folder"):
+        generate(tmp_path / "busy", 1, 0)
+    with pytest.raises(ConfigError, match="one label per case"):
+        generate(tmp_path / "new", 2, 0, labels=["normal"])
+    with pytest.raises(ConfigError, match="expected one of normal"):
+        make_case(0, 0, label="influenza")
+    with pytest.raises(ConfigError, match="at least 1"):
+        generate(tmp_path / "new", 0, 0)
