@@ -160,7 +160,7 @@ def db_upgrade(ctx: typer.Context) -> None:
 
     settings = _settings(ctx)
     revision = upgrade_database(settings.db_url)
-    typer.echo(f"database {settings.masked_db_url} is at revision {revision} (head)")
+    typer.echo(f"database {settings.masked_db_url} is at revision {revision} (newest)")
 
 
 @runs_app.command("list")

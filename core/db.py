@@ -292,15 +292,23 @@ def make_alembic_config(url: str) -> Config:
     return config
 
 
+def _join(revisions) -> str | None:
+    return ",".join(sorted(revisions)) or None
+
+
 def head_revision() -> str | None:
-    """The newest migration revision shipped with the package."""
+    """The newest migration revision(s) shipped with the package, comma-joined.
+
+    Each app's tables are a branch of their own off the core revision (``branch_labels=("<app>",)``), so
+    the apps can evolve their schemas independently; the database is current when it is at every head.
+    """
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+    return _join(ScriptDirectory(str(MIGRATIONS_DIR)).get_heads())
 
 
 def current_revision(engine: Engine) -> str | None:
-    """The migration revision the database is at; None for a database that was never migrated.
+    """The migration revision(s) the database is at, comma-joined; None for a database never migrated.
 
     Raises:
         ConfigError: the database cannot be opened.
@@ -309,17 +317,17 @@ def current_revision(engine: Engine) -> str | None:
 
     try:
         with engine.connect() as connection:
-            return MigrationContext.configure(connection).get_current_revision()
+            return _join(MigrationContext.configure(connection).get_current_heads())
     except OperationalError as e:
         raise ConfigError(f"database {mask_url(str(engine.url))}: cannot be opened ({e.orig})") from e
 
 
-def upgrade_database(url: str, revision: str = "head") -> str | None:
+def upgrade_database(url: str, revision: str = "heads") -> str | None:
     """Run the migrations up to `revision` (idempotent: an up-to-date database is left unchanged).
 
     Args:
         url: database URL; a SQLite file and its folder are created when missing.
-        revision: target revision, ``"head"`` for the newest.
+        revision: target revision, ``"heads"`` for the newest of every branch.
 
     Returns:
         The revision the database is at afterwards.
