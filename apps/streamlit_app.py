@@ -17,7 +17,8 @@ APP_PAGES = {
     "education": ("Education", "Knowledge tracing", ":material/school:"),
 }
 
-st.set_page_config(page_title="verticals", page_icon=":material/hub:", layout="wide")
+# An emoji favicon is rendered locally; a :material/...: one is fetched from Google (offline: console error).
+st.set_page_config(page_title="verticals", page_icon="🧭", layout="wide")
 
 pages: dict[str, list[st.Page]] = {
     "Suite": [st.Page(APPS_DIR / "home.py", title="Home", icon=":material/home:", default=True)],
