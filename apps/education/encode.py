@@ -202,3 +202,51 @@ def make_windows(
         attention_mask=valid,
         target_mask=valid & (slot >= target_from[:, None]),
     )
+
+
+def to_examples(windows: SequenceWindows, *, score_first: bool = False) -> list[dict[str, np.ndarray]]:
+    """Turn windows into `core` examples for the causal next-step model.
+
+    Each example is a start token followed by the window's answers (T = answers + 1 tokens). Token j
+    (j >= 1) carries answer j-1: its item, first skill, the skill x response interaction token and the
+    response; token 0 is the start token (`START_INDEX` in every field). The state after token j predicts
+    answer j: `next_item_ids[j]` is the item of answer j and `next_labels[j]` its response, so the
+    prediction for an answer is made from the answers before it only (the causal attention never lets
+    token j see token j+1, which is where answer j's response enters). A multi-skill item is one answer,
+    hence one prediction (its first skill is the token's skill; the item token identifies it).
+
+    Args:
+        windows: Output of `make_windows`.
+        score_first: Also score the first answer of a window that starts at a student's first answer
+            (predicted from the start token alone); pyKT's protocol does not score it.
+
+    Returns:
+        One example per window (see `core.data`): `categorical` {item, skill, interaction, response} of
+        shape (T,), `time_delta` (T,) seconds, `next_item_ids` (T,), `next_labels` (T,) float (-1 ignored).
+    """
+    from apps.education.config import START_INDEX
+
+    lengths = windows.attention_mask.sum(axis=1)
+    targets = windows.target_mask | (score_first & (windows.position == 0))
+    examples = []
+    for w, n in enumerate(lengths.tolist()):
+        items = windows.items[w, :n]
+        skills = windows.skills[w, :n, 0]
+        correct = windows.correct[w, :n].astype(np.int64)
+        elapsed = np.nan_to_num(windows.elapsed_s[w, :n], nan=0.0)
+        start = np.array([START_INDEX], dtype=np.int64)
+        labels = np.where(targets[w, :n], correct, -1).astype(np.float32)
+        examples.append(
+            {
+                "categorical": {
+                    "item": np.concatenate([start, items]),
+                    "skill": np.concatenate([start, skills]),
+                    "interaction": np.concatenate([start, 2 * skills + correct]),
+                    "response": np.concatenate([start, 2 + correct]),
+                },
+                "time_delta": np.concatenate([[0.0], elapsed]).astype(np.float32),
+                "next_item_ids": np.concatenate([items, [PAD_INDEX]]).astype(np.int64),
+                "next_labels": np.concatenate([labels, [-1.0]]).astype(np.float32),
+            }
+        )
+    return examples

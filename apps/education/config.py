@@ -1,0 +1,123 @@
+"""Knowledge-tracing presets (CoreConfig builders), the token fields, and the recommendation thresholds.
+
+A token of the interaction sequence carries four categorical fields (index 0 is padding, 1 the unknown
+bucket / the start token):
+
+| field | vocabulary | meaning |
+|---|---|---|
+| `item` | item vocabulary | the question answered |
+| `skill` | skill vocabulary | its (first) skill |
+| `interaction` | 2 x skill vocabulary | skill x response, `2 * skill_index + correct` (DKT's input token) |
+| `response` | 4 | 2 = wrong, 3 = correct (1 on the start token) |
+
+plus the time since the student's previous answer (`time_delta`). The next-step head scores the item of
+the next answer (`next_step_vocab` = item vocabulary).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from core.config import CoreConfig
+from core.errors import ConfigError
+
+FIELDS: tuple[str, ...] = ("item", "skill", "interaction", "response")
+RESPONSE_VOCAB = 4
+START_INDEX = 1
+"""Every categorical field of the start token (before a student's first answer) uses this index."""
+
+MASTERY_THRESHOLD = 0.7
+"""Predicted mastery at which a skill counts as mastered (prerequisite checks, gaps)."""
+
+TARGET_BAND: tuple[float, float] = (0.6, 0.8)
+"""Predicted success of a recommended item: hard enough to learn from, easy enough to succeed."""
+
+
+@dataclass(frozen=True)
+class TrainingPreset:
+    """Training knobs of a preset (passed to `core.train.default_training_args`)."""
+
+    pretrain_epochs: float
+    task_epochs: float
+    learning_rate: float
+    batch_size: int
+    maxlen: int
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A model that trains in about a minute on 2 CPU cores (demo, tests).
+    "small": dict(
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        ffn_size=64,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        moe_top_k=2,
+        dropout=0.1,
+    ),
+    # The benchmark model (ASSISTments).
+    "bench": dict(
+        hidden_size=128,
+        num_layers=2,
+        num_heads=8,
+        ffn_size=128,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        moe_top_k=2,
+        dropout=0.2,
+    ),
+}
+
+TRAINING: dict[str, TrainingPreset] = {
+    "small": TrainingPreset(
+        pretrain_epochs=1.0, task_epochs=15.0, learning_rate=3e-3, batch_size=16, maxlen=200
+    ),
+    "bench": TrainingPreset(
+        pretrain_epochs=1.0, task_epochs=6.0, learning_rate=1e-3, batch_size=64, maxlen=200
+    ),
+}
+
+
+def knowledge_tracing_config(
+    n_items: int, n_skills: int, *, preset: str = "small", **overrides: Any
+) -> CoreConfig:
+    """A causal `CoreConfig` for knowledge tracing over the given vocabularies.
+
+    Args:
+        n_items: Item vocabulary size (incl. padding and unknown), `len(item_vocab)`.
+        n_skills: Skill vocabulary size (incl. padding and unknown), `len(skill_vocab)`.
+        preset: `"small"` (demo, tests) or `"bench"`.
+        **overrides: Any `CoreConfig` field (e.g. `hidden_size=32` in tests).
+
+    Returns:
+        The config: causal attention, the four categorical fields, time gaps, a next-step head over items.
+
+    Raises:
+        ConfigError: Unknown preset or vocabularies too small.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}.")
+    if n_items < 3 or n_skills < 3:
+        raise ConfigError(
+            f"vocabularies must hold at least one id besides padding and unknown; got {n_items} items, "
+            f"{n_skills} skills."
+        )
+    values = dict(
+        PRESETS[preset],
+        causal=True,
+        use_moe=True,
+        categorical_fields={
+            "item": n_items,
+            "skill": n_skills,
+            "interaction": 2 * n_skills,
+            "response": RESPONSE_VOCAB,
+        },
+        use_time_delta=True,
+        next_step_vocab=n_items,
+        block_size=64,
+        dense_below=512,
+    )
+    values.update(overrides)
+    return CoreConfig(**values)

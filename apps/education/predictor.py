@@ -1,0 +1,534 @@
+"""`KnowledgeTracer`: a scikit-learn-style estimator over the causal core model for knowledge tracing.
+
+`fit` trains in two stages (masked-field pretraining on the interaction sequences, then next-step
+fine-tuning), `predict_proba` gives P(correct) for every answer made before its response was seen,
+`evaluate` scores a log under the pyKT protocol, and `student_state` / `mastery` read out per-skill
+mastery for any student, including a new student with only a few answers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+from apps.education.config import TRAINING, knowledge_tracing_config
+from apps.education.encode import (
+    PYKT_MAXLEN,
+    build_vocabularies,
+    make_windows,
+    to_examples,
+    to_sequences,
+)
+from apps.education.schema import (
+    SKILL_SEPARATOR,
+    OnUnknown,
+    SequenceWindows,
+    StudentSequences,
+    Vocabulary,
+)
+from core.data import collate
+from core.errors import ConfigError, InputValidationError, NotFittedError
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "education"
+SCHEMA_VERSION = 1
+PREDICTION_COLUMNS = ("user_id", "position", "item_id", "skill_id", "correct", "p_correct")
+
+
+@dataclass(frozen=True)
+class StudentState:
+    """What the model knows about one student after their last answer.
+
+    Attributes:
+        user_id: The student.
+        history: The student's answers used (canonical rows, time order; the last `maxlen`).
+        item_p: Predicted P(correct) of the next answer for every known item, indexed by `item_id`.
+        mastery: Per-skill mastery (mean predicted P(correct) over the skill's items), indexed by
+            `skill_id`.
+        attention: How much the state after the last answer attends to each answer of `history`
+            (mean over heads and layers, shape (len(history),), sums to at most 1).
+    """
+
+    user_id: str
+    history: pd.DataFrame
+    item_p: pd.Series
+    mastery: pd.Series
+    attention: np.ndarray
+
+
+class KnowledgeTracer:
+    """Causal attention knowledge tracing over the shared core model.
+
+    Args:
+        preset: Architecture and training preset of `apps.education.config` (`"small"`, `"bench"`).
+        maxlen: Answers per training window (pyKT: 200).
+        pretrain_epochs: Epochs of masked-field pretraining (0 skips stage 1); None uses the preset's.
+        task_epochs: Epochs of next-step fine-tuning; None uses the preset's.
+        learning_rate: None uses the preset's.
+        batch_size: Windows per step; None uses the preset's.
+        max_steps: Caps each training stage at this many steps (-1: no cap), for quick runs.
+        seed: Seeds training.
+        device: Where inference runs (`"cpu"`, `"cuda"`); training uses what `transformers` picks.
+        config_overrides: `CoreConfig` fields replacing the preset's (e.g. `{"hidden_size": 32}`).
+    """
+
+    def __init__(
+        self,
+        preset: str = "small",
+        *,
+        maxlen: int = PYKT_MAXLEN,
+        pretrain_epochs: Optional[float] = None,
+        task_epochs: Optional[float] = None,
+        learning_rate: Optional[float] = None,
+        batch_size: Optional[int] = None,
+        max_steps: int = -1,
+        seed: int = 0,
+        device: str = "cpu",
+        config_overrides: Optional[dict[str, Any]] = None,
+    ) -> None:
+        self.preset = preset
+        self.maxlen = maxlen
+        self.pretrain_epochs = pretrain_epochs
+        self.task_epochs = task_epochs
+        self.learning_rate = learning_rate
+        self.batch_size = batch_size
+        self.max_steps = max_steps
+        self.seed = seed
+        self.device = device
+        self.config_overrides = config_overrides
+
+    # ------------------------------------------------------------------ training
+    def fit(
+        self,
+        frame: pd.DataFrame,
+        *,
+        output_dir: Optional[str | Path] = None,
+        callbacks: Sequence[Any] = (),
+    ) -> KnowledgeTracer:
+        """Learn vocabularies and train the model on canonical interactions.
+
+        Args:
+            frame: Canonical interaction table (training students only).
+            output_dir: Trainer working folder (logs); a temporary folder when None.
+            callbacks: Extra `transformers.TrainerCallback`s.
+
+        Returns:
+            self, with `model_`, `item_vocab_`, `skill_vocab_`, `item_skill_`, `skill_names_`,
+            `train_metrics_` and `data_fingerprint_` set.
+
+        Raises:
+            ConfigError: Unknown preset or invalid settings.
+            InputValidationError: No student has at least 3 answers.
+        """
+        import tempfile
+
+        from core.model import CoreModel
+        from core.train import ExampleDataset, default_training_args, fingerprint, fit_two_stage
+
+        if self.preset not in TRAINING:
+            raise ConfigError(f"unknown preset {self.preset!r}; expected one of {sorted(TRAINING)}.")
+        if self.maxlen < 2:
+            raise ConfigError(f"maxlen must be at least 2; got {self.maxlen}.")
+        plan = TRAINING[self.preset]
+        item_vocab, skill_vocab = build_vocabularies(frame)
+        sequences = to_sequences(frame, item_vocab, skill_vocab)
+        windows = make_windows(sequences, maxlen=self.maxlen, mode="chunks")
+        if len(windows) == 0:
+            raise InputValidationError(
+                f"training data: no student has at least 3 answers ({len(frame)} rows, "
+                f"{frame['user_id'].nunique()} students); knowledge tracing needs answer histories."
+            )
+        examples = to_examples(windows, score_first=True)
+        config = knowledge_tracing_config(
+            len(item_vocab), len(skill_vocab), preset=self.preset, **(self.config_overrides or {})
+        )
+        torch.manual_seed(self.seed)
+        model = CoreModel(config)
+        pretrain_epochs = plan.pretrain_epochs if self.pretrain_epochs is None else self.pretrain_epochs
+        common = dict(
+            learning_rate=plan.learning_rate if self.learning_rate is None else self.learning_rate,
+            batch_size=plan.batch_size if self.batch_size is None else self.batch_size,
+            seed=self.seed,
+            max_steps=self.max_steps,
+            logging_steps=50,
+        )
+        with tempfile.TemporaryDirectory() as scratch:
+            work = Path(output_dir) if output_dir is not None else Path(scratch)
+            metrics = fit_two_stage(
+                model,
+                ExampleDataset(examples),
+                work,
+                pretrain_dataset=ExampleDataset(examples) if pretrain_epochs > 0 else None,
+                pretrain_args=default_training_args(work / "pretrain", epochs=pretrain_epochs, **common),
+                task_args=default_training_args(
+                    work / "task",
+                    epochs=plan.task_epochs if self.task_epochs is None else self.task_epochs,
+                    **common,
+                ),
+                callbacks=callbacks,
+                seed=self.seed,
+            )
+        self.model_ = model.to(self.device).eval()
+        self.item_vocab_ = item_vocab
+        self.skill_vocab_ = skill_vocab
+        self.item_skill_ = _item_skills(frame, item_vocab, skill_vocab)
+        self.skill_names_ = _skill_names(frame)
+        self.train_metrics_ = {
+            stage: {k: float(v) for k, v in values.items() if isinstance(v, int | float)}
+            for stage, values in metrics.items()
+        }
+        self.data_fingerprint_ = fingerprint(
+            pd.util.hash_pandas_object(frame[["user_id", "item_id", "skill_id", "correct"]], index=False)
+            .to_numpy()
+            .tobytes()
+        )
+        return self
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, model_dir: str | Path, metrics: Optional[dict[str, Any]] = None) -> Path:
+        """Write the model directory (`config.json`, `model.safetensors`, `app.json`, `metrics.json`)."""
+        from core.train import save_checkpoint
+
+        self._check_fitted()
+        meta = {
+            "app": APP_NAME,
+            "schema_version": SCHEMA_VERSION,
+            "preset": self.preset,
+            "maxlen": self.maxlen,
+            "item_vocab": self.item_vocab_.to_dict(),
+            "skill_vocab": self.skill_vocab_.to_dict(),
+            "item_skill": self.item_skill_.tolist(),
+            "skill_names": self.skill_names_,
+            "data_fingerprint": self.data_fingerprint_,
+            "train_metrics": self.train_metrics_,
+        }
+        return save_checkpoint(self.model_, model_dir, meta, metrics)
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str = "cpu") -> KnowledgeTracer:
+        """Rebuild a fitted tracer from a model directory written by `save`.
+
+        Raises:
+            InputValidationError: The folder is not a model directory.
+            ConfigError: It holds another app's model or an incompatible schema version.
+        """
+        from core.train import load_checkpoint
+
+        model, meta = load_checkpoint(model_dir, device=device)
+        if meta.get("app") != APP_NAME or meta.get("schema_version") != SCHEMA_VERSION:
+            raise ConfigError(
+                f"{model_dir}: expected an education model (schema version {SCHEMA_VERSION}); got app "
+                f"{meta.get('app')!r}, schema version {meta.get('schema_version')!r}. Retrain with "
+                "`verticals education train`."
+            )
+        tracer = cls(preset=meta["preset"], maxlen=int(meta["maxlen"]), device=device)
+        tracer.model_ = model
+        tracer.item_vocab_ = Vocabulary.from_dict(meta["item_vocab"])
+        tracer.skill_vocab_ = Vocabulary.from_dict(meta["skill_vocab"])
+        tracer.item_skill_ = np.asarray(meta["item_skill"], dtype=np.int64)
+        tracer.skill_names_ = dict(meta["skill_names"])
+        tracer.data_fingerprint_ = meta["data_fingerprint"]
+        tracer.train_metrics_ = meta.get("train_metrics", {})
+        return tracer
+
+    # ------------------------------------------------------------------ prediction
+    def predict_proba(
+        self, frame: pd.DataFrame, *, on_unknown: OnUnknown = "raise", batch_size: int = 64
+    ) -> pd.DataFrame:
+        """P(correct) of every answer, predicted from the student's earlier answers only.
+
+        Students longer than `maxlen` are scored with pyKT's sliding window (answer j from the previous
+        `maxlen - 1` answers). A student's first answer is predicted from the start token alone.
+
+        Args:
+            frame: Canonical interactions.
+            on_unknown: `"raise"` names the first row with an item or skill the model never saw;
+                `"unknown"` maps such ids to the unknown bucket.
+            batch_size: Windows per forward pass.
+
+        Returns:
+            One row per interaction: `user_id, position` (0-based index in the student's time-ordered
+            answers), `item_id, skill_id, correct, p_correct`, ordered by student then position.
+
+        Raises:
+            NotFittedError: Before `fit` or `load`.
+            InputValidationError: An unknown id with `on_unknown="raise"`.
+        """
+        self._check_fitted()
+        sequences = to_sequences(frame, self.item_vocab_, self.skill_vocab_, on_unknown=on_unknown)
+        windows = make_windows(sequences, maxlen=self.maxlen, mode="sliding", min_length=1)
+        examples = to_examples(windows, score_first=True)
+        probs = self._window_probabilities(examples, batch_size=batch_size)
+        student, position, p = [], [], []
+        for w, (example, prob) in enumerate(zip(examples, probs, strict=True)):
+            scored = np.flatnonzero(example["next_labels"] >= 0)
+            student.append(np.full(len(scored), windows.student[w]))
+            position.append(windows.position[w, scored])
+            p.append(prob[scored])
+        student_index = np.concatenate(student) if student else np.zeros(0, dtype=np.int64)
+        positions = np.concatenate(position) if position else np.zeros(0, dtype=np.int64)
+        flat = sequences.offsets[student_index] + positions
+        order = np.argsort(flat, kind="stable")
+        flat, student_index, positions = flat[order], student_index[order], positions[order]
+        rows = frame.set_index("source_row").loc[sequences.source_row[flat]]
+        return pd.DataFrame(
+            {
+                "user_id": pd.Series(sequences.user_ids[student_index], dtype="string"),
+                "position": positions.astype(np.int64),
+                "item_id": rows["item_id"].astype("string").to_numpy(),
+                "skill_id": rows["skill_id"].astype("string").to_numpy(),
+                "correct": sequences.correct[flat].astype(np.int8),
+                "p_correct": np.concatenate(p)[order].astype(np.float64) if p else np.zeros(0),
+            }
+        )
+
+    def evaluate(
+        self, frame: pd.DataFrame, *, on_unknown: OnUnknown = "unknown", batch_size: int = 64
+    ) -> dict[str, float]:
+        """AUC and accuracy under pyKT's protocol: windows of `maxlen` with the sliding window, every
+        answer after a student's first scored once, students with fewer than 3 answers left out.
+
+        Args:
+            frame: Canonical interactions (held-out students).
+            on_unknown: Ids unseen in training map to the unknown bucket by default.
+            batch_size: Windows per forward pass.
+
+        Returns:
+            `{"auc", "accuracy", "n_predictions", "n_students"}`.
+
+        Raises:
+            NotFittedError: Before `fit` or `load`.
+            InputValidationError: Nothing to score, or only one class among the responses.
+        """
+        from sklearn.metrics import roc_auc_score
+
+        self._check_fitted()
+        sequences = to_sequences(frame, self.item_vocab_, self.skill_vocab_, on_unknown=on_unknown)
+        windows = make_windows(sequences, maxlen=self.maxlen, mode="sliding")
+        examples = to_examples(windows)
+        probs = self._window_probabilities(examples, batch_size=batch_size)
+        y_true = np.concatenate([e["next_labels"][e["next_labels"] >= 0] for e in examples] or [[]])
+        y_prob = np.concatenate(
+            [p[e["next_labels"] >= 0] for e, p in zip(examples, probs, strict=True)] or [[]]
+        )
+        if len(np.unique(y_true)) < 2:
+            raise InputValidationError(
+                f"evaluation data: {len(y_true)} scored answers with responses {np.unique(y_true).tolist()}; "
+                "AUC needs both correct and wrong answers from students with at least 3 answers."
+            )
+        return {
+            "auc": float(roc_auc_score(y_true, y_prob)),
+            "accuracy": float(np.mean((y_prob >= 0.5) == (y_true == 1))),
+            "n_predictions": len(y_true),
+            "n_students": len(np.unique(windows.student)),
+        }
+
+    def student_state(
+        self, frame: pd.DataFrame, user_id: str, *, on_unknown: OnUnknown = "raise"
+    ) -> StudentState:
+        """Mastery and next-item success for one student after their last answer.
+
+        Args:
+            frame: Canonical interactions; only `user_id`'s rows are used (none: a new student).
+            user_id: The student.
+            on_unknown: See `predict_proba`.
+
+        Returns:
+            The `StudentState` (history limited to the last `maxlen - 1` answers).
+        """
+        self._check_fitted()
+        rows = frame[frame["user_id"] == user_id]
+        states = self._states(rows, on_unknown=on_unknown, with_attention=True)
+        if states:
+            history, item_p, attention = states[0]
+        else:
+            history, item_p, attention = rows.iloc[:0], self._cold_item_p(), np.zeros(0)
+        return StudentState(
+            user_id=str(user_id),
+            history=history,
+            item_p=item_p,
+            mastery=self._skill_mastery(item_p.to_numpy()[None])[0],
+            attention=attention,
+        )
+
+    def mastery(self, frame: pd.DataFrame, *, on_unknown: OnUnknown = "raise") -> pd.DataFrame:
+        """Per-skill mastery of every student in `frame` after their last answer.
+
+        Mastery of a skill is the mean predicted P(correct) on the skill's items, so it is defined for
+        any student, including one with only a few answers.
+
+        Returns:
+            students (rows, `user_id` in order of first appearance) x skills (columns, `skill_id`).
+        """
+        self._check_fitted()
+        states = self._states(frame, on_unknown=on_unknown, with_attention=False)
+        if not states:
+            return pd.DataFrame(columns=pd.Index(self.skill_vocab_.tokens, name="skill_id"))
+        matrix = np.stack([item_p.to_numpy() for _, item_p, _ in states])
+        users = [str(history["user_id"].iloc[0]) for history, _, _ in states]
+        table = pd.DataFrame(
+            [m.to_numpy() for m in self._skill_mastery(matrix)],
+            index=pd.Index(users, name="user_id"),
+            columns=pd.Index(self.skill_vocab_.tokens, name="skill_id"),
+        )
+        return table
+
+    def skill_of_item(self) -> pd.Series:
+        """The (first) skill of every known item, indexed by `item_id`."""
+        self._check_fitted()
+        return pd.Series(
+            self.skill_vocab_.decode(self.item_skill_[2:]),
+            index=pd.Index(self.item_vocab_.tokens, name="item_id"),
+            name="skill_id",
+        )
+
+    # ------------------------------------------------------------------ internals
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "model_"):
+            raise NotFittedError(
+                "This KnowledgeTracer instance is not fitted yet. Call 'fit' with training interactions "
+                "or 'load' a model directory before using this estimator."
+            )
+
+    @torch.no_grad()
+    def _window_probabilities(self, examples: list[dict[str, Any]], *, batch_size: int) -> list[np.ndarray]:
+        """P(correct) at every token of every example, shape (T_i,) each."""
+        out: list[np.ndarray] = [np.zeros(0)] * len(examples)
+        order = np.argsort([len(e["next_item_ids"]) for e in examples], kind="stable")
+        for lo in range(0, len(order), batch_size):
+            chunk = order[lo : lo + batch_size]
+            batch = collate([examples[i] for i in chunk]).to(self.device)
+            batch.next_labels = None
+            logits = self.model_(**batch.to_dict()).next_step_logits  # (B, T)
+            probs = torch.sigmoid(logits.float()).cpu().numpy()
+            for row, index in enumerate(chunk):
+                out[index] = probs[row, : len(examples[index]["next_item_ids"])]
+        return out
+
+    @torch.no_grad()
+    def _states(
+        self, frame: pd.DataFrame, *, on_unknown: OnUnknown, with_attention: bool
+    ) -> list[tuple[pd.DataFrame, pd.Series, np.ndarray]]:
+        """(history rows, item P(correct) after the last answer, attention over history) per student."""
+        if frame.empty:
+            return []
+        sequences = to_sequences(frame, self.item_vocab_, self.skill_vocab_, on_unknown=on_unknown)
+        keep = self.maxlen - 1
+        lengths = sequences.lengths
+        last = _last_windows(sequences, keep)
+        final = np.arange(len(last))
+        examples = to_examples(last)
+        indexed = frame.set_index("source_row")
+        item_ids = torch.arange(len(self.item_vocab_), device=self.device)
+        results = []
+        for lo in range(0, len(examples), 32):
+            chunk = examples[lo : lo + 32]
+            batch = collate(chunk).to(self.device)
+            output = self.model_(**batch.to_dict(), output_attentions=with_attention)
+            ends = batch.attention_mask.sum(dim=1) - 1  # (B,) last real token
+            rows = torch.arange(len(chunk), device=self.device)
+            hidden = output.hidden_states[rows, ends]  # (B, hidden)
+            n_items = len(item_ids)
+            logits = self.model_.next_step(
+                hidden[:, None, :].expand(-1, n_items, -1),  # (B, n_items, hidden)
+                item_ids[None, :].expand(len(chunk), -1),  # (B, n_items)
+            )  # (B, n_items)
+            probs = torch.sigmoid(logits.float()).cpu().numpy()
+            if with_attention:
+                # (layers, B, H, T, T) -> the last token's attention, mean over layers and heads: (B, T)
+                weights = torch.stack([t.attention_weights for t in output.attentions], dim=1).float()
+                focus = weights[rows, :, :, ends, :].mean(dim=(1, 2)).cpu().numpy()  # (B, T)
+            for row in range(len(chunk)):
+                w = final[lo + row]
+                student = last.student[w]
+                n = int(min(lengths[student], keep))
+                positions = last.position[w, :n]
+                flat = sequences.offsets[student] + positions
+                history = indexed.loc[sequences.source_row[flat]].reset_index()
+                item_p = pd.Series(probs[row, 2:], index=pd.Index(self.item_vocab_.tokens, name="item_id"))
+                attention = focus[row, 1 : n + 1] if with_attention else np.zeros(n)
+                results.append((history, item_p, attention))
+        return results
+
+    @torch.no_grad()
+    def _cold_item_p(self) -> pd.Series:
+        """Item P(correct) for a student with no answers (from the start token alone)."""
+        from apps.education.config import START_INDEX
+
+        start = np.array([START_INDEX], dtype=np.int64)
+        example = {
+            "categorical": {name: start for name in ("item", "skill", "interaction", "response")},
+            "time_delta": np.zeros(1, dtype=np.float32),
+        }
+        batch = collate([example]).to(self.device)
+        hidden = self.model_(**batch.to_dict()).hidden_states[:, 0]  # (1, hidden)
+        item_ids = torch.arange(len(self.item_vocab_), device=self.device)
+        logits = self.model_.next_step(hidden[:, None, :].expand(-1, len(item_ids), -1), item_ids[None])
+        probs = torch.sigmoid(logits.float())[0, 2:].cpu().numpy()
+        return pd.Series(probs, index=pd.Index(self.item_vocab_.tokens, name="item_id"))
+
+    def _skill_mastery(self, item_p: np.ndarray) -> list[pd.Series]:
+        """(S, n_known_items) item probabilities -> per-skill means, one Series per student."""
+        n_skills = len(self.skill_vocab_)
+        skill_of = self.item_skill_[2:]
+        onehot = np.zeros((len(skill_of), n_skills))
+        onehot[np.arange(len(skill_of)), skill_of] = 1.0
+        counts = onehot.sum(axis=0)
+        means = (item_p @ onehot) / np.maximum(counts, 1.0)  # (S, n_skills)
+        # A skill with no item of its own (only ever a second skill) reads the items that list it.
+        index = pd.Index(self.skill_vocab_.tokens, name="skill_id")
+        fallback = means[:, 2:].mean(axis=1, keepdims=True) if n_skills > 2 else np.zeros((len(means), 1))
+        values = np.where(counts[None, 2:] > 0, means[:, 2:], fallback)
+        return [pd.Series(row, index=index, name="mastery") for row in values]
+
+
+def _last_windows(sequences: StudentSequences, keep: int) -> SequenceWindows:
+    """One window per student (students without answers left out) holding their last `keep` answers."""
+    students = np.flatnonzero(sequences.lengths > 0)
+    n = np.minimum(sequences.lengths[students], keep)
+    start = sequences.lengths[students] - n
+    width = int(n.max()) if len(n) else 0
+    slot = np.arange(width)[None, :]  # (1, L)
+    valid = slot < n[:, None]  # (W, L)
+    position = np.where(valid, start[:, None] + slot, -1)  # (W, L)
+    flat = np.where(valid, sequences.offsets[students][:, None] + position, 0)  # (W, L)
+    return SequenceWindows(
+        student=students.astype(np.int64),
+        position=position.astype(np.int64),
+        items=np.where(valid, sequences.items[flat], 0),
+        skills=np.where(valid[..., None], sequences.skills[flat], 0),
+        correct=np.where(valid, sequences.correct[flat], 0).astype(np.int8),
+        elapsed_s=np.where(valid, sequences.elapsed_s[flat], np.nan).astype(np.float32),
+        attention_mask=valid,
+        target_mask=np.zeros_like(valid),
+    )
+
+
+def _item_skills(frame: pd.DataFrame, item_vocab: Vocabulary, skill_vocab: Vocabulary) -> np.ndarray:
+    """Skill index of each item's first skill, aligned with the item vocabulary (pad/unknown -> 1)."""
+    first = frame.drop_duplicates("item_id").set_index("item_id")["skill_id"].astype("string")
+    first = first.str.split(SKILL_SEPARATOR, regex=False).str[0]
+    out = np.ones(len(item_vocab), dtype=np.int64)
+    out[2:] = skill_vocab.encode(first.loc[list(item_vocab.tokens)].to_numpy(), on_unknown="unknown")
+    return out
+
+
+def _skill_names(frame: pd.DataFrame) -> dict[str, str]:
+    """skill id -> name where the data names it."""
+    named = frame.dropna(subset=["skill_name"])
+    if named.empty:
+        return {}
+    ids = named["skill_id"].astype(str).str.split(SKILL_SEPARATOR, regex=False).explode()
+    names = named["skill_name"].astype(str).str.split(SKILL_SEPARATOR, regex=False).explode()
+    pairs = pd.DataFrame({"id": ids.to_numpy(), "name": names.to_numpy()}) if len(ids) == len(names) else None
+    if pairs is None:
+        return {}
+    return dict(pairs.drop_duplicates("id").itertuples(index=False, name=None))

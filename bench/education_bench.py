@@ -1,0 +1,380 @@
+"""Education benchmark: knowledge-tracing AUC of the core model against a DKT (LSTM) baseline, one run.
+
+1. ASSISTments 2015, pyKT's split (`assist2015_pykt`): train on the train_valid folds except the
+   validation fold, choose hyperparameters (a small grid, and the epoch) on the validation fold only,
+   then report test AUC on `test.csv` under pyKT's protocol (windows of 200, sliding window for longer
+   students, every answer after a student's first scored once). Targets: >= 0.7281 (pyKT's AKT),
+   stretch 0.735.
+2. ASSISTments 2009 (`assist2009_dkvmn`, named skills), leak-free: expanded multi-skill rows regrouped
+   into one interaction per answer (`read_dkvmn(regroup=True)`, pairs estimated on the training file),
+   10% of training students held out for epoch selection, test AUC on the test file vs DKT.
+
+The DKT baseline is a `torch.nn.LSTM` over the skill x response token (Piech et al. 2015) trained on the
+same windows with the same protocol; bench/ may define it, apps/ may not.
+
+Usage:
+    .venv/bin/python bench/education_bench.py                   # full run (a GPU is used when present)
+    .venv/bin/python bench/education_bench.py --quick           # a few hundred students, smoke test
+Writes bench/results/education_bench.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
+from transformers import TrainerCallback
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from apps.education.adapters import read_dkvmn, read_pykt  # noqa: E402
+from apps.education.encode import build_vocabularies, make_windows, to_examples, to_sequences  # noqa: E402
+from apps.education.formats import estimate_multiskill_pairs  # noqa: E402
+from apps.education.predictor import KnowledgeTracer  # noqa: E402
+from core.data import collate  # noqa: E402
+
+logger = logging.getLogger("education_bench")
+TARGET_AUC, STRETCH_AUC = 0.7281, 0.735
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def windows_examples(frame: pd.DataFrame, items, skills, mode: str) -> list[dict[str, Any]]:
+    seqs = to_sequences(frame, items, skills, on_unknown="unknown")
+    return to_examples(make_windows(seqs, maxlen=200, mode=mode))
+
+
+@torch.no_grad()
+def core_auc(model, examples: list[dict[str, Any]], device: str, batch_size: int = 256) -> float:
+    """AUC of the core model's next-step head over the scored slots of `examples`."""
+    model.eval()
+    y, p = [], []
+    for lo in range(0, len(examples), batch_size):
+        chunk = examples[lo : lo + batch_size]
+        batch = collate(chunk).to(device)
+        labels = batch.next_labels
+        batch.next_labels = None
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            logits = model(**batch.to_dict()).next_step_logits
+        keep = labels >= 0
+        y.append(labels[keep].cpu().numpy())
+        p.append(torch.sigmoid(logits.float())[keep].cpu().numpy())
+    return float(roc_auc_score(np.concatenate(y), np.concatenate(p)))
+
+
+class BestEpoch(TrainerCallback):
+    """After each epoch, score the validation windows; keep the weights of the best epoch."""
+
+    def __init__(self, examples: list[dict[str, Any]], device: str) -> None:
+        self.examples, self.device = examples, device
+        self.best_auc, self.best_state, self.history = -1.0, None, []
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        auc = core_auc(model, self.examples, self.device)
+        model.train()
+        self.history.append(round(auc, 5))
+        logger.info("  epoch %.0f: validation AUC %.4f", state.epoch, auc)
+        if auc > self.best_auc:
+            self.best_auc, self.best_state = auc, copy.deepcopy(model.state_dict())
+        return control
+
+
+def fit_core(train, valid_examples, device, **params) -> tuple[KnowledgeTracer, BestEpoch, float]:
+    start = time.perf_counter()
+    best = BestEpoch(valid_examples, device)
+    tracer = KnowledgeTracer(device=device, **params).fit(train, callbacks=[best])
+    tracer.model_.load_state_dict(best.best_state)
+    tracer.model_.to(device).eval()
+    return tracer, best, time.perf_counter() - start
+
+
+def dkt(
+    train_ex, valid_ex, test_ex, n_items: int, device: str, epochs: int, hidden: int = 200
+) -> dict[str, Any]:
+    """DKT: embedding of the skill x response token -> LSTM -> logits over items; pick the epoch on valid."""
+    torch.manual_seed(0)
+    n_tokens = max(int(max(e["categorical"]["interaction"].max() for e in train_ex)) + 1, 4)
+    embed = torch.nn.Embedding(n_tokens + 2, hidden, padding_idx=0).to(device)
+    lstm = torch.nn.LSTM(hidden, hidden, batch_first=True).to(device)
+    out = torch.nn.Linear(hidden, n_items).to(device)
+    drop = torch.nn.Dropout(0.2)
+    params = [*embed.parameters(), *lstm.parameters(), *out.parameters()]
+    optim = torch.optim.Adam(params, lr=1e-3)
+
+    def logits_of(batch):
+        tokens = batch.categorical["interaction"].clamp_max(n_tokens + 1)  # (B, T)
+        states, _ = lstm(drop(embed(tokens)))  # (B, T, hidden)
+        scores = out(drop(states))  # (B, T, n_items)
+        return scores.gather(-1, batch.next_item_ids[..., None]).squeeze(-1)  # (B, T)
+
+    @torch.no_grad()
+    def auc(examples):
+        for m in (embed, lstm, out, drop):
+            m.eval()
+        y, p = [], []
+        for lo in range(0, len(examples), 256):
+            batch = collate(examples[lo : lo + 256]).to(device)
+            keep = batch.next_labels >= 0
+            y.append(batch.next_labels[keep].cpu().numpy())
+            p.append(torch.sigmoid(logits_of(batch))[keep].cpu().numpy())
+        for m in (embed, lstm, out, drop):
+            m.train()
+        return float(roc_auc_score(np.concatenate(y), np.concatenate(p)))
+
+    start = time.perf_counter()
+    rng = np.random.default_rng(0)
+    best, best_state, history = -1.0, None, []
+    for _ in range(epochs):
+        order = rng.permutation(len(train_ex))
+        for lo in range(0, len(order), 64):
+            batch = collate([train_ex[i] for i in order[lo : lo + 64]]).to(device)
+            keep = batch.next_labels >= 0
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits_of(batch)[keep], batch.next_labels[keep]
+            )
+            optim.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optim.step()
+        score = auc(valid_ex)
+        history.append(round(score, 5))
+        if score > best:
+            best = score
+            best_state = [copy.deepcopy(m.state_dict()) for m in (embed, lstm, out)]
+    for m, s in zip((embed, lstm, out), best_state, strict=True):
+        m.load_state_dict(s)
+    return {
+        "valid_auc": best,
+        "valid_history": history,
+        "test_auc": auc(test_ex),
+        "train_s": time.perf_counter() - start,
+    }
+
+
+def subsample(frame: pd.DataFrame, n_students: int | None, seed: int = 0) -> pd.DataFrame:
+    if n_students is None:
+        return frame
+    users = frame["user_id"].drop_duplicates()
+    keep = set(users.sample(min(n_students, len(users)), random_state=seed))
+    return frame[frame["user_id"].isin(keep)]
+
+
+# ------------------------------------------------------------------------------------------ runs
+def run_assist2015(root: Path, device: str, grid: list[dict[str, Any]], dkt_epochs: int, quick: bool) -> dict:
+    folder = root / "assist2015_pykt"
+    train_valid = read_pykt(folder / "train_valid.csv").frame
+    test = read_pykt(folder / "test.csv").frame
+    n = 400 if quick else None
+    valid = subsample(train_valid[train_valid["fold"] == 0], n and n // 4)
+    train = subsample(train_valid[train_valid["fold"] != 0], n)
+    test = subsample(test, n and n // 2)
+    items, skills = build_vocabularies(train)
+    train_ex = windows_examples(train, items, skills, "chunks")
+    valid_ex = windows_examples(valid, items, skills, "chunks")
+    test_ex = windows_examples(test, items, skills, "sliding")
+    results = []
+    chosen = None
+    for params in grid:
+        logger.info("assist2015: core model %s", params)
+        tracer, best, seconds = fit_core(train, valid_ex, device, **params)
+        row = {
+            "params": params,
+            "valid_auc": best.best_auc,
+            "valid_history": best.history,
+            "train_s": seconds,
+        }
+        results.append(row)
+        if chosen is None or row["valid_auc"] > chosen[0]["valid_auc"]:
+            chosen = (row, tracer)
+    row, tracer = chosen
+    start = time.perf_counter()
+    test_metrics = tracer.evaluate(test)
+    row = {**row, "test": test_metrics, "test_eval_s": time.perf_counter() - start}
+    logger.info("assist2015: core test AUC %.4f", test_metrics["auc"])
+    baseline = dkt(train_ex, valid_ex, test_ex, len(items), device, dkt_epochs)
+    logger.info("assist2015: DKT test AUC %.4f", baseline["test_auc"])
+    return {
+        "data": {
+            "train_students": int(train["user_id"].nunique()),
+            "valid_students": int(valid["user_id"].nunique()),
+            "test_students": int(test["user_id"].nunique()),
+            "train_answers": len(train),
+            "test_answers": len(test),
+            "validation_fold": 0,
+        },
+        "grid": results,
+        "chosen": row,
+        "dkt": baseline,
+    }
+
+
+def run_assist2009(root: Path, device: str, params: dict[str, Any], dkt_epochs: int, quick: bool) -> dict:
+    folder = root / "assist2009_dkvmn"
+    train_path, test_path = folder / "assist2009_updated_train.csv", folder / "assist2009_updated_test.csv"
+    full_train = read_dkvmn(train_path, regroup=False).frame
+    pairs = estimate_multiskill_pairs(full_train)
+    train_all = read_dkvmn(train_path, multiskill_pairs=pairs).frame
+    test = read_dkvmn(test_path, multiskill_pairs=pairs).frame
+    users = train_all["user_id"].drop_duplicates().sample(frac=1.0, random_state=0)
+    held = set(users.iloc[: len(users) // 10])
+    valid, train = train_all[train_all["user_id"].isin(held)], train_all[~train_all["user_id"].isin(held)]
+    if quick:
+        train, valid, test = subsample(train, 300), subsample(valid, 60), subsample(test, 150)
+    items, skills = build_vocabularies(train)
+    train_ex = windows_examples(train, items, skills, "chunks")
+    valid_ex = windows_examples(valid, items, skills, "chunks")
+    test_ex = windows_examples(test, items, skills, "sliding")
+    tracer, best, seconds = fit_core(train, valid_ex, device, **params)
+    test_metrics = tracer.evaluate(test)
+    baseline = dkt(train_ex, valid_ex, test_ex, len(items), device, dkt_epochs)
+    logger.info("assist2009: core %.4f vs DKT %.4f", test_metrics["auc"], baseline["test_auc"])
+    return {
+        "data": {
+            "train_students": int(train["user_id"].nunique()),
+            "test_students": int(test["user_id"].nunique()),
+            "train_answers": len(train),
+            "test_answers": len(test),
+            "items_after_regrouping": len(items) - 2,
+            "multiskill_pairs": len(pairs),
+        },
+        "core": {
+            "params": params,
+            "valid_auc": best.best_auc,
+            "valid_history": best.history,
+            "train_s": seconds,
+            "test": test_metrics,
+        },
+        "dkt": baseline,
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "# Education benchmark (knowledge tracing)",
+        "",
+        f"Device: {report['device']}; torch threads {report['threads']}; seconds per part {report['seconds']}.",
+        "",
+        "| data set | core model test AUC | DKT test AUC | core / DKT | target |",
+        "|---|---|---|---|---|",
+    ]
+    a15, a09 = report.get("assist2015"), report.get("assist2009")
+    if a15:
+        core15, dkt15 = a15["chosen"]["test"]["auc"], a15["dkt"]["test_auc"]
+        verdict = "met" if core15 >= TARGET_AUC else f"missed by {TARGET_AUC - core15:.4f}"
+        lines.append(
+            f"| ASSISTments 2015 (pyKT split, sliding window 200) | {core15:.4f} | {dkt15:.4f} | "
+            f"{core15 / dkt15:.3f} | >= {TARGET_AUC} ({verdict}) |"
+        )
+    if a09:
+        core09, dkt09 = a09["core"]["test"]["auc"], a09["dkt"]["test_auc"]
+        lines.append(
+            f"| ASSISTments 2009 (leak-free, regrouped) | {core09:.4f} | {dkt09:.4f} | {core09 / dkt09:.3f} "
+            f"| beat DKT ({'met' if core09 > dkt09 else 'missed'}) |"
+        )
+    if not a15:
+        return "\n".join(lines) + "\n"
+    lines += [
+        "",
+        "ASSISTments 2015 grid (validation fold 0; epoch chosen on it):",
+        "",
+        "| params | valid AUC | per-epoch valid AUC | train s |",
+        "|---|---|---|---|",
+    ]
+    for row in a15["grid"]:
+        lines.append(
+            f"| `{json.dumps(row['params'])}` | {row['valid_auc']:.4f} | {row['valid_history']} | {row['train_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data" / "education")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--epochs", type=float, default=10.0, help="Fine-tuning epochs per grid point.")
+    parser.add_argument("--dkt-epochs", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="Subsample students (smoke test).")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--merge", action="store_true", help="Only rebuild the report from the part files.")
+    parser.add_argument("--preset", default="bench", help="Model preset of apps/education/config.py.")
+    parser.add_argument("--pretrain-epochs", type=float, default=1.0)
+    parser.add_argument(
+        "--learning-rates", type=float, nargs="+", default=[1e-3, 3e-3], help="Grid chosen on validation."
+    )
+    parser.add_argument(
+        "--only", choices=("assist2015", "assist2009"), help="Run one part; merges into the existing report."
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    epochs = 1.0 if args.quick else args.epochs
+    common = dict(
+        preset=args.preset, pretrain_epochs=0.2 if args.quick else args.pretrain_epochs, task_epochs=epochs
+    )
+    grid = [{**common, "learning_rate": lr} for lr in args.learning_rates]
+    if args.quick:
+        grid = grid[:1]
+    name = "education_bench_quick" if args.quick else "education_bench"
+    path = args.out / f"{name}.json"
+    report: dict[str, Any] = (
+        json.loads(path.read_text()) if (args.only or args.merge) and path.is_file() else {}
+    )
+    report.update(
+        device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        threads=args.threads,
+        quick=args.quick,
+    )
+    report.setdefault("seconds", {})
+    dkt_epochs = 1 if args.quick else args.dkt_epochs
+    if args.merge:
+        for part_name in ("assist2015", "assist2009"):
+            part = args.out / f"{name}_{part_name}.json"
+            if part.is_file():
+                saved = json.loads(part.read_text())
+                report[part_name] = saved[part_name]
+                report["seconds"][part_name] = saved["seconds"][part_name]
+                report.update(device=saved["device"], threads=saved["threads"], quick=saved["quick"])
+        args.only = None
+    if args.only in (None, "assist2015") and not args.merge:
+        start = time.perf_counter()
+        report["assist2015"] = run_assist2015(args.data_root, device, grid, dkt_epochs, args.quick)
+        report["seconds"]["assist2015"] = round(time.perf_counter() - start, 1)
+    if args.only in (None, "assist2009") and not args.merge:
+        start = time.perf_counter()
+        params = report["assist2015"]["chosen"]["params"] if "assist2015" in report else grid[0]
+        report["assist2009"] = run_assist2009(args.data_root, device, params, dkt_epochs, args.quick)
+        report["seconds"]["assist2009"] = round(time.perf_counter() - start, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.only:  # each part is also kept on its own, so `--merge` can rebuild the report from the parts
+        part = args.out / f"{name}_{args.only}.json"
+        part.write_text(json.dumps({**report, "part": args.only}, indent=2, default=float))
+    if args.only and path.is_file():  # another part may have finished meanwhile: merge, do not overwrite
+        merged = json.loads(path.read_text())
+        merged["seconds"] = {**merged.get("seconds", {}), **report["seconds"]}
+        report = {
+            **merged,
+            **{k: v for k, v in report.items() if k != "seconds"},
+            "seconds": merged["seconds"],
+        }
+    tmp = path.with_suffix(f".{args.only or 'all'}.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=float))
+    tmp.replace(path)
+    (args.out / f"{name}.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
