@@ -21,6 +21,7 @@ re-exported here so that every source of the app is read through this module.
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import warnings
@@ -55,7 +56,7 @@ from apps.medical.imaging import (
     slice_normal,
 )
 from apps.medical.records import pseudonymise, read_record
-from apps.medical.schema import PADDING_FILL_HU, CTVolume
+from apps.medical.schema import PADDING_FILL_HU, CTVolume, MedicalCase
 from core.errors import AdapterError, InputValidationError
 
 __all__ = [
@@ -70,6 +71,8 @@ __all__ = [
     "apply_window",
     "inspect_series",
     "pseudonymise",
+    "read_case",
+    "read_cases",
     "read_record",
     "read_series",
 ]
@@ -531,3 +534,84 @@ def inspect_series(
         )
         described.append(entry)
     return {"source": str(path), "skipped_files": [str(p) for p in scan.skipped], "series": described}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cases: a series + a record (+ a confirmed label)
+
+CASES_MANIFEST = "cases.csv"
+_CASE_COLUMNS = ("case_id", "series_dir", "record_file")
+
+
+def read_case(
+    series_dir: str | os.PathLike[str] | None,
+    record_file: str | os.PathLike[str],
+    *,
+    case_id: str = "case",
+    label: str | None = None,
+) -> MedicalCase:
+    """Read one case: the CT series (None: a case without CT) and the patient record.
+
+    Raises:
+        AdapterError, InputValidationError: as `read_series` and `read_record`.
+    """
+    volume = read_series(series_dir) if series_dir is not None else None
+    return MedicalCase(
+        case_id=case_id,
+        record=read_record(record_file),
+        volume=volume,
+        label=label or None,
+        series_dir=Path(series_dir) if series_dir is not None else None,
+        record_file=Path(record_file),
+    )
+
+
+def read_cases(data_dir: str | os.PathLike[str], *, with_ct: bool = True) -> list[MedicalCase]:
+    """Read every case listed in ``data_dir/cases.csv`` (the layout `apps.medical.synthetic.generate` writes).
+
+    Columns: ``case_id``, ``series_dir`` (relative to `data_dir`; empty for a case without CT),
+    ``record_file`` (relative), and optionally ``label`` (empty when unconfirmed).
+
+    Args:
+        data_dir: the folder holding ``cases.csv``.
+        with_ct: read the CT series (False: record-only cases, e.g. for a record-only baseline).
+
+    Returns:
+        The cases in manifest order.
+
+    Raises:
+        AdapterError: no ``cases.csv``; a series or record that cannot be read.
+        InputValidationError: a missing column or an empty required cell (names the row and column).
+    """
+    data_dir = Path(data_dir)
+    manifest = data_dir / CASES_MANIFEST
+    if not manifest.is_file():
+        raise AdapterError(
+            f"{manifest}: no such file; expected a case list with columns {', '.join(_CASE_COLUMNS)}, label "
+            f"(write one with `verticals medical generate --out DIR`)"
+        )
+    with manifest.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in _CASE_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise InputValidationError(
+                f"{manifest}: columns {missing} missing; expected {', '.join(_CASE_COLUMNS)} (and label)"
+            )
+        rows = list(reader)
+    if not rows:
+        raise InputValidationError(f"{manifest}: no cases listed; expected one row per case")
+    cases = []
+    for row_number, row in enumerate(rows, start=2):
+        for column in ("case_id", "record_file"):
+            if not (row.get(column) or "").strip():
+                raise InputValidationError(f"{manifest}: row {row_number}: column {column!r} is empty")
+        series = (row.get("series_dir") or "").strip()
+        cases.append(
+            read_case(
+                data_dir / series if series and with_ct else None,
+                data_dir / row["record_file"].strip(),
+                case_id=row["case_id"].strip(),
+                label=(row.get("label") or "").strip() or None,
+            )
+        )
+    return cases

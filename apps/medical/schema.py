@@ -143,3 +143,24 @@ class PatientRecord:
     def lab(self, name: str) -> Measurement | None:
         """The lab value called `name`, or None when it was not measured."""
         return next((m for m in self.labs if m.name == name), None)
+
+
+@dataclass(frozen=True, eq=False)
+class MedicalCase:
+    """One case for the diagnoser: a patient record, optionally a CT volume, optionally a confirmed label.
+
+    Attributes:
+        case_id: an identifier for messages and evidence (e.g. ``"case_0007"``); never the patient id.
+        record: the patient record.
+        volume: the CT volume, or None when the case has no CT (the model then uses the record alone).
+        label: the confirmed diagnosis (training, evaluation, few-shot support), or None.
+        series_dir: where the CT series was read from (the input reference stored with a diagnosis).
+        record_file: where the record was read from.
+    """
+
+    case_id: str
+    record: PatientRecord
+    volume: CTVolume | None = None
+    label: str | None = None
+    series_dir: Path | None = None
+    record_file: Path | None = None

@@ -1,0 +1,98 @@
+"""The Diagnoser: beats chance, works without CT, explains, adds few-shot classes, saves and loads."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from apps.medical.predictor import Diagnoser, classification_metrics
+from apps.medical.schema import MedicalCase
+from core.errors import InputValidationError, NotFittedError
+
+
+def test_unfitted_diagnoser_raises_not_fitted(trained):
+    with pytest.raises(NotFittedError, match="Call 'fit'"):
+        Diagnoser("tiny").predict_proba(trained.test[:1])
+
+
+def test_training_on_a_few_cases_beats_chance(trained):
+    probabilities = trained.diagnoser.predict_proba(trained.test)
+    assert probabilities.shape == (len(trained.test), 5)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    metrics = classification_metrics(
+        [c.label for c in trained.test], probabilities, trained.diagnoser.classes_
+    )
+    # Chance is an AUROC of 0.5 and an accuracy of 0.2 over five balanced classes.
+    assert metrics["auroc_macro"] > 0.65
+    assert metrics["accuracy"] > 0.3
+
+
+def test_a_case_without_ct_is_diagnosed_from_the_record(trained):
+    case = trained.test[0]
+    record_only = MedicalCase(case_id="no-ct", record=case.record, volume=None)
+    probabilities = trained.diagnoser.predict_proba([record_only])
+    np.testing.assert_allclose(probabilities.sum(), 1.0, atol=1e-5)
+    explanation = trained.diagnoser.explain(record_only)
+    assert not explanation.volume_present and explanation.patch_map is None and explanation.regions == []
+    assert explanation.record_fields  # the record still explains the diagnosis
+    # CT tokens are masked out: whatever the zero volume holds does not matter, so the CT changes the output.
+    assert not np.allclose(probabilities, trained.diagnoser.predict_proba([case]))
+
+
+def test_explain_points_at_ct_regions_inside_the_series_and_record_fields(trained):
+    case = trained.test[1]
+    explanation = trained.diagnoser.explain(case, top_k=3)
+    assert explanation.label == trained.diagnoser.predict([case])[0]
+    assert explanation.patch_map.shape == trained.diagnoser.grid_.patch_grid
+    assert explanation.patch_map.sum() == pytest.approx(1.0, abs=1e-4)
+    slices = case.volume.shape[0]
+    assert explanation.top_slices and all(0 <= s < slices for s in explanation.top_slices)
+    for region in explanation.regions:
+        assert 0 <= region["slices"][0] <= region["slices"][1] < slices
+    fields = [f["field"] for f in explanation.record_fields]
+    assert "patient_id" not in fields and len(fields) == len(set(fields))
+    effects = [abs(f["effect"]) for f in explanation.record_fields]
+    assert effects == sorted(effects, reverse=True)
+
+
+def test_add_class_recognises_siblings_of_its_support_cases(trained, tmp_path):
+    model_dir = shutil.copytree(trained.model_dir, tmp_path / "model")
+    diagnoser = Diagnoser.load(model_dir)
+    support, siblings = trained.rare[:3], trained.rare[3:]
+    diagnoser.add_class("miliary", support)
+    assert diagnoser.classes_[-1] == "miliary"
+    predicted = diagnoser.predict(siblings)
+    # Chance over six classes is 1/6.
+    assert np.mean([p == "miliary" for p in predicted]) > 1 / 6
+    # Base cases are mostly still given base classes.
+    assert np.mean([p != "miliary" for p in diagnoser.predict(trained.test)]) >= 0.7
+    diagnoser.save_prototypes(model_dir)
+    reloaded = Diagnoser.load(model_dir)
+    assert reloaded.classes_ == diagnoser.classes_
+    np.testing.assert_allclose(reloaded.predict_proba(siblings), diagnoser.predict_proba(siblings), atol=1e-5)
+
+
+def test_add_class_rejects_an_existing_name_and_empty_support(trained):
+    diagnoser = Diagnoser.load(trained.model_dir)
+    with pytest.raises(InputValidationError, match="exists already"):
+        diagnoser.add_class("normal", trained.rare[:1])
+    with pytest.raises(InputValidationError, match="no support cases"):
+        diagnoser.add_class("rare", [])
+
+
+def test_save_then_load_gives_identical_probabilities(trained):
+    reloaded = Diagnoser.load(trained.model_dir)
+    np.testing.assert_allclose(
+        reloaded.predict_proba(trained.test[:4]), trained.diagnoser.predict_proba(trained.test[:4]), atol=1e-6
+    )
+    assert len(reloaded.model_version_) == 16 and reloaded.config_hash_
+
+
+def test_metrics_leave_out_classes_without_positives():
+    metrics = classification_metrics(
+        ["a", "a", "b"], np.array([[0.9, 0.1, 0], [0.6, 0.4, 0], [0.2, 0.8, 0]]), ["a", "b", "c"]
+    )
+    assert metrics["accuracy"] == 1.0 and metrics["auroc_a"] == 1.0 and "auroc_c" not in metrics
+    assert 0.0 <= metrics["ece"] <= 1.0 and metrics["brier"] > 0
