@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 import streamlit as st
-from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import SuiteSettings, make_engine, make_session_factory, require_current_schema
+from apps.ui_support import get_session_factory
+from core.db import SuiteSettings
 from core.errors import VerticalsError
 from core.orm import ModelRun
 from core.repository import list_model_runs
@@ -15,14 +15,6 @@ from core.repository import list_model_runs
 KNOWN_APPS = ("finance", "medical", "education")
 ALL_APPS = "all apps"
 MAX_METRICS_SHOWN = 4
-
-
-@st.cache_resource(show_spinner=False)
-def get_session_factory(db_url: str) -> sessionmaker[Session]:
-    """One engine per database URL for the whole server, after checking its schema is migrated."""
-    engine = make_engine(db_url)
-    require_current_schema(engine)
-    return make_session_factory(engine)
 
 
 def load_runs(db_url: str) -> list[ModelRun]:

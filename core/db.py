@@ -30,7 +30,8 @@ Adding tables for an app:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -346,6 +347,22 @@ def upgrade_database(url: str, revision: str = "heads") -> str | None:
         return current_revision(engine)
     except OperationalError as e:
         raise ConfigError(f"database {mask_url(url)}: migration failed ({e.orig})") from e
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def migrated_session(url: str) -> Iterator[Session]:
+    """A session on the database at `url`, migrated to the newest schema first, inside one transaction.
+
+    For one-off writes from entry points (a CLI command registering a model run): committed on a normal
+    exit, rolled back on an exception, and the engine is disposed either way.
+    """
+    upgrade_database(url)
+    engine = make_engine(url)
+    try:
+        with make_session_factory(engine)() as session, session.begin():
+            yield session
     finally:
         engine.dispose()
 

@@ -138,26 +138,21 @@ def train(
 def _register(ctx: typer.Context, model_dir: Path, metrics: dict, data_fingerprint: str) -> None:
     import os
 
-    from core.db import SuiteSettings, make_engine, make_session_factory, upgrade_database
+    from core.db import SuiteSettings, migrated_session
     from core.repository import record_model_run
     from core.train import code_version
 
     settings = ctx.find_object(SuiteSettings) or SuiteSettings.resolve(db=None, home=None, environ=os.environ)
     settings.home.mkdir(parents=True, exist_ok=True)
-    upgrade_database(settings.db_url)
-    engine = make_engine(settings.db_url)
-    try:
-        with make_session_factory(engine)() as session, session.begin():
-            record_model_run(
-                session,
-                model_dir=model_dir.resolve(),
-                app="education",
-                metrics=metrics,
-                data_fingerprint=data_fingerprint,
-                code_version=code_version(),
-            )
-    finally:
-        engine.dispose()
+    with migrated_session(settings.db_url) as session:
+        record_model_run(
+            session,
+            model_dir=model_dir.resolve(),
+            app="education",
+            metrics=metrics,
+            data_fingerprint=data_fingerprint,
+            code_version=code_version(),
+        )
 
 
 @app.command()

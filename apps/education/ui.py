@@ -9,7 +9,6 @@ from pathlib import Path
 import altair as alt
 import pandas as pd
 import streamlit as st
-from sqlalchemy.orm import Session, sessionmaker
 
 from apps.education import repository
 from apps.education.adapters import read_interactions
@@ -23,18 +22,11 @@ from apps.education.service import (
     recommend,
     session_change,
 )
-from core.db import SuiteSettings, make_engine, make_session_factory, require_current_schema
+from apps.ui_support import get_session_factory
+from core.db import SuiteSettings
 from core.errors import VerticalsError
 
 MAX_STUDENTS_IN_HEATMAP = 40
-
-
-@st.cache_resource(show_spinner=False)
-def get_session_factory(db_url: str) -> sessionmaker[Session]:
-    """One engine per database URL, after checking its schema is migrated."""
-    engine = make_engine(db_url)
-    require_current_schema(engine)
-    return make_session_factory(engine)
 
 
 @st.cache_resource(show_spinner="Loading the model ...")

@@ -102,7 +102,6 @@ def train(
     import torch
 
     from apps.finance.predictor import FraudDetector
-    from core.db import make_engine, make_session_factory, upgrade_database
     from core.repository import record_model_run
     from core.train import code_version
 
@@ -122,24 +121,19 @@ def train(
     detector.save(out)
     metrics = {k: v for k, v in detector.metrics_.items() if isinstance(v, int | float)}
     if register:
-        from core.db import SuiteSettings
+        from core.db import SuiteSettings, migrated_session
 
         settings = ctx.find_object(SuiteSettings)
         if settings is not None:
-            upgrade_database(settings.db_url)
-            engine = make_engine(settings.db_url)
-            try:
-                with make_session_factory(engine)() as session, session.begin():
-                    record_model_run(
-                        session,
-                        model_dir=out.resolve(),
-                        app="finance",
-                        metrics=metrics,
-                        data_fingerprint=detector.data_fingerprint_,
-                        code_version=code_version(),
-                    )
-            finally:
-                engine.dispose()
+            with migrated_session(settings.db_url) as session:
+                record_model_run(
+                    session,
+                    model_dir=out.resolve(),
+                    app="finance",
+                    metrics=metrics,
+                    data_fingerprint=detector.data_fingerprint_,
+                    code_version=code_version(),
+                )
     typer.echo(
         f"model written to {out}: validation AP {metrics.get('average_precision', float('nan')):.4f}, "
         f"threshold {detector.threshold_:.4f} ({detector.threshold_rule_})"

@@ -7,23 +7,15 @@ import os
 import numpy as np
 import pandas as pd
 import streamlit as st
-from sqlalchemy.orm import Session, sessionmaker
 
 from apps.finance.predictor import FraudDetector
 from apps.finance.repository import alerts_per_day, list_alerts, record_action
 from apps.finance.service import account_timeline
-from core.db import SuiteSettings, make_engine, make_session_factory, require_current_schema
+from apps.ui_support import get_session_factory
+from core.db import SuiteSettings
 from core.errors import VerticalsError
 from core.repository import list_model_runs
 from core.train import load_metrics
-
-
-@st.cache_resource(show_spinner=False)
-def get_session_factory(db_url: str) -> sessionmaker[Session]:
-    """One engine per database URL for the whole server, after checking its schema is migrated."""
-    engine = make_engine(db_url)
-    require_current_schema(engine)
-    return make_session_factory(engine)
 
 
 @st.cache_resource(show_spinner="Loading the fraud model...")

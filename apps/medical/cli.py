@@ -153,22 +153,19 @@ def train(
     )
     typer.echo(f"model written to {out} ({result.train_cases} training cases; validation: {shown or 'none'})")
     if register:
+        from core.db import migrated_session
         from core.repository import record_model_run
         from core.train import code_version
 
-        factory, engine = _session_factory(_settings(ctx))
-        try:
-            with factory() as session, session.begin():
-                record_model_run(
-                    session,
-                    model_dir=out.resolve(),
-                    app="medical",
-                    metrics=result.metrics,
-                    data_fingerprint=result.data_fingerprint,
-                    code_version=code_version(),
-                )
-        finally:
-            engine.dispose()
+        with migrated_session(_settings(ctx).db_url) as session:
+            record_model_run(
+                session,
+                model_dir=out.resolve(),
+                app="medical",
+                metrics=result.metrics,
+                data_fingerprint=result.data_fingerprint,
+                code_version=code_version(),
+            )
 
 
 @app.command()

@@ -6,24 +6,16 @@ import os
 
 import numpy as np
 import streamlit as st
-from sqlalchemy.orm import Session, sessionmaker
 
 from apps.medical import repository, service
 from apps.medical.adapters import WINDOW_PRESETS, apply_window, read_record, read_series
 from apps.medical.records import record_to_dict
 from apps.medical.schema import CTVolume
-from core.db import SuiteSettings, make_engine, make_session_factory, require_current_schema
+from apps.ui_support import get_session_factory
+from core.db import SuiteSettings
 from core.errors import VerticalsError
 
 OVERLAY_COLOUR = np.array([1.0, 0.15, 0.0], dtype=np.float32)
-
-
-@st.cache_resource(show_spinner=False)
-def get_session_factory(db_url: str) -> sessionmaker[Session]:
-    """One engine per database URL, after checking its schema is migrated."""
-    engine = make_engine(db_url)
-    require_current_schema(engine)
-    return make_session_factory(engine)
 
 
 @st.cache_resource(show_spinner="Reading the CT series ...", max_entries=4)
