@@ -167,11 +167,28 @@ def straight_through(gate_scores, allowed, selected, pick_valid):
     return (kept / kept.detach().clamp_min(1e-12)).to(gate_scores.dtype)
 
 
-def build_block_mask(selected, pick_valid, key_valid, block_size: int, causal: bool, padded_len: int):
+def build_block_mask(
+    selected,
+    pick_valid,
+    key_valid,
+    block_size: int,
+    causal: bool,
+    padded_len: int,
+    full_blocks: bool = True,
+    exact_mask: bool = True,
+):
     """The FlexAttention `BlockMask` of a selection (the CUDA backend).
 
     Blocks that need no element mask (other kept blocks without padding) are declared "full", so
     the kernel skips `mask_mod` there; the own block (causal diagonal) and padded blocks are partial.
+
+    Args:
+        full_blocks: declare the blocks that need no element mask as "full" (False: every kept block is
+            partial and evaluates `mask_mod`).
+        exact_mask: the element mask also checks that the key block was kept. Needed where the mask is
+            evaluated on every element (eager FlexAttention on CPU); the fused CUDA kernel only visits the
+            listed blocks, so there the mask only has to state causality and padding, and capturing no
+            tensor made from the selection lets the whole gate-select-attend step compile as one graph.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -186,7 +203,10 @@ def build_block_mask(selected, pick_valid, key_valid, block_size: int, causal: b
         indices = key.sort(dim=-1).values.clamp_max(n_blocks - 1).to(torch.int32)  # (B, H, N, N)
         return indices, slots_valid.sum(-1).to(torch.int32)
 
-    if key_valid is None and not causal:
+    if not full_blocks:
+        part_idx, part_num = ordered(pick_valid, selected)
+        full_idx, full_num = None, None
+    elif key_valid is None and not causal:
         full_idx, full_num = ordered(pick_valid, selected)
         part_idx, part_num = full_idx, torch.zeros_like(full_num)
     elif key_valid is None:
@@ -198,17 +218,20 @@ def build_block_mask(selected, pick_valid, key_valid, block_size: int, causal: b
 
     # The element mask states the full semantics (kept block, causal, padding); the block lists above
     # only let the fused kernel skip work. Eager (CPU) FlexAttention evaluates the mask alone.
-    kept = torch.zeros(*selected.shape[:3], n_blocks, dtype=torch.bool, device=selected.device).scatter(
-        -1, torch.where(pick_valid, selected, selected[..., :1]), True
-    )  # (B, H, N, N)
+    kept = None
+    if exact_mask:
+        kept = torch.zeros(*selected.shape[:3], n_blocks, dtype=torch.bool, device=selected.device).scatter(
+            -1, torch.where(pick_valid, selected, selected[..., :1]), True
+        )  # (B, H, N, N)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        ok = kept[b, h, q_idx // bs, kv_idx // bs]
+        ok = q_idx == kv_idx  # a padded query still attends to itself: no empty rows
+        allowed = kept[b, h, q_idx // bs, kv_idx // bs] if kept is not None else q_idx >= 0
         if causal:
-            ok = ok & (q_idx >= kv_idx)
+            allowed = allowed & (q_idx >= kv_idx)
         if key_valid is not None:
-            ok = ok & key_valid[b, kv_idx]
-        return ok | (q_idx == kv_idx)
+            allowed = allowed & key_valid[b, kv_idx]
+        return ok | allowed
 
     return BlockMask.from_kv_blocks(
         part_num,
@@ -242,6 +265,24 @@ def _compiled(name: str, fn):
     return _COMPILED[name]
 
 
+def _flex_sparse(
+    q, k, v, key_valid, gating_factor, block_size: int, top_k_blocks: int, causal: bool, full_blocks: bool
+):
+    """Gate, selection, block mask and FlexAttention as one function (compiled as one graph on CUDA)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    gate_scores, factor, selected, pick_valid = select_and_gate(
+        q, k, key_valid, gating_factor, block_size, top_k_blocks, causal
+    )
+    batch, heads, padded_len, dim = q.shape
+    block_mask = build_block_mask(
+        selected, pick_valid, key_valid, block_size, causal, padded_len, full_blocks, exact_mask=False
+    )
+    out = flex_attention(q, k, v, block_mask=block_mask)  # (B, H, Tp, D)
+    out = out.view(batch, heads, -1, block_size, dim) * factor[..., None, None]  # (B, H, N, bs, D)
+    return out.view(batch, heads, padded_len, dim), gate_scores, selected, pick_valid
+
+
 def flex_sparse_attention(
     q,
     k,
@@ -252,27 +293,33 @@ def flex_sparse_attention(
     top_k_blocks: int,
     causal: bool,
     compiled: bool = False,
+    full_blocks: bool = True,
 ):
     """Gate, selection and FlexAttention over the selected blocks (the CUDA backend; eager on CPU).
 
-    Selection and the attention kernel are compiled separately and the block mask is built between them
-    in eager mode: a `mask_mod` that captures tensors made inside a compiled graph was not applied by the
-    fused kernel (torch 2.11), while tensors that exist outside it are, as FlexAttention documents.
+    Compiled (CUDA), the whole step is one graph: selection, the `BlockMask` built from the kept block
+    lists and the fused kernel, whose `mask_mod` only states causality and padding (it captures no tensor
+    made inside the graph, which the fused kernel would not see). Eager (CPU), FlexAttention evaluates
+    the element mask on every position, so the mask also states which blocks were kept.
 
     Returns:
         out (B, H, Tp, D) (already scaled by the straight-through factor), gate_scores (B, H, N, N),
         selected (B, H, N, S), pick_valid (B, H, N, S).
     """
+    if compiled:
+        fused = _compiled("flex_sparse", _flex_sparse)
+        return fused(q, k, v, key_valid, gating_factor, block_size, top_k_blocks, causal, full_blocks)
+
     from torch.nn.attention.flex_attention import flex_attention
 
-    select = _compiled("select", select_and_gate) if compiled else select_and_gate
-    attend = _compiled("flex", flex_attention) if compiled else flex_attention
-    gate_scores, factor, selected, pick_valid = select(
+    gate_scores, factor, selected, pick_valid = select_and_gate(
         q, k, key_valid, gating_factor, block_size, top_k_blocks, causal
     )
     batch, heads, padded_len, dim = q.shape
-    block_mask = build_block_mask(selected, pick_valid, key_valid, block_size, causal, padded_len)
-    out = attend(q, k, v, block_mask=block_mask)  # (B, H, Tp, D)
+    block_mask = build_block_mask(
+        selected, pick_valid, key_valid, block_size, causal, padded_len, full_blocks, exact_mask=True
+    )
+    out = flex_attention(q, k, v, block_mask=block_mask)  # (B, H, Tp, D)
     out = out.view(batch, heads, -1, block_size, dim) * factor[..., None, None]  # (B, H, N, bs, D)
     return out.view(batch, heads, padded_len, dim), gate_scores, selected, pick_valid
 
@@ -290,21 +337,23 @@ class DynamicAttention(nn.Module):
     def __init__(self, config: CoreConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.config = config
-        self.num_heads = config.num_heads
+        # Head pruning (`core.compress`) keeps `heads_in_layer` heads of size `config.head_dim`.
+        self.num_heads = config.heads_in_layer(layer_idx)
         self.head_dim = config.head_dim
         self.block_size = config.block_size
         self.top_k_blocks = config.top_k_blocks
         self.causal = config.causal
         self.always_dense = layer_idx >= config.num_layers - config.dense_tail_layers
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, hidden, bias=False)
-        self.k_proj = nn.Linear(hidden, hidden, bias=False)
-        self.v_proj = nn.Linear(hidden, hidden, bias=False)
-        self.o_proj = nn.Linear(hidden, hidden, bias=False)
+        inner = self.num_heads * self.head_dim  # = hidden unless heads were pruned
+        self.q_proj = nn.Linear(hidden, inner, bias=False)
+        self.k_proj = nn.Linear(hidden, inner, bias=False)
+        self.v_proj = nn.Linear(hidden, inner, bias=False)
+        self.o_proj = nn.Linear(inner, hidden, bias=False)
         # Per-head projection added to the mean-pooled keys; zero-initialised so the gate starts as plain
         # pooled-query x pooled-key similarity and learns to depart from it.
-        self.gating_factor = nn.Parameter(torch.zeros(config.num_heads, config.head_dim, config.head_dim))
-        self.gate_proj = nn.Linear(hidden, config.num_heads, bias=True) if config.output_gate else None
+        self.gating_factor = nn.Parameter(torch.zeros(self.num_heads, config.head_dim, config.head_dim))
+        self.gate_proj = nn.Linear(hidden, self.num_heads, bias=True) if config.output_gate else None
         self.rotary = (
             RotaryEmbedding(config.head_dim, config.rope_theta)
             if config.position_encoding == "rope"
@@ -333,7 +382,7 @@ class DynamicAttention(nn.Module):
         Returns:
             (hidden_states, trace): attended states of shape (B, T, hidden) and an `AttentionTrace`.
         """
-        batch, length, hidden = hidden_states.shape
+        batch, length, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
@@ -344,7 +393,8 @@ class DynamicAttention(nn.Module):
             cos, sin = self.rotary(position_ids, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         key_valid = None if attention_mask is None else attention_mask.to(torch.bool)  # (B, T)
-        if key_valid is not None and bool(key_valid.all()):
+        # (Under torch.export the mask is kept: an all-True mask gives the same result without a host sync.)
+        if key_valid is not None and not torch.compiler.is_exporting() and bool(key_valid.all()):
             key_valid = None
 
         use_dense = self.use_dense(length, hidden_states.device) if force_dense is None else force_dense
@@ -356,7 +406,7 @@ class DynamicAttention(nn.Module):
         if self.gate_proj is not None:
             gate = torch.sigmoid(self.gate_proj(hidden_states))  # (B, T, H)
             out = out * gate.transpose(1, 2).unsqueeze(-1)  # (B, H, T, D)
-        out = out.transpose(1, 2).reshape(batch, length, hidden)  # (B, T, hidden)
+        out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(out), trace
 
     def use_dense(self, length: int, device: torch.device) -> bool:
@@ -369,12 +419,11 @@ class DynamicAttention(nn.Module):
     def backend(self, device: torch.device) -> str:
         """The sparse backend used on `device`: "flex" (FlexAttention block mask) or "gather".
 
-        "auto" picks FlexAttention for CUDA inference only. Its backward through this block mask gave
-        NaN gradients in bf16 on an H200 with torch 2.11 (bench/gpu_bf16_check.py), while its forward
-        matched the gather backend, so training takes the gather backend until that is resolved.
+        "auto" picks FlexAttention on CUDA (gate, selection, block mask and kernel compiled as one graph;
+        forward and backward match the gather backend, bench/gpu_flex_check.py) and gather elsewhere.
         """
         if self.config.attention_backend == "auto":
-            return "flex" if device.type == "cuda" and not torch.is_grad_enabled() else "gather"
+            return "flex" if device.type == "cuda" else "gather"
         return self.config.attention_backend
 
     # ------------------------------------------------------------------ dense path

@@ -67,6 +67,21 @@ class CoreConfig(PretrainedConfig):
         focal_gamma: focusing parameter of the focal loss.
         class_weights: per-class loss weights (imbalanced labels), or None.
         volume_modality_id: modality id given to CT patch tokens.
+        domain_expert_groups: domain name -> the routed experts reserved for it (e.g. 16 experts as four
+            groups of four: one per app of the suite and a general group). Experts in no group are general,
+            open to every domain. None: no groups. Only initialises the router prior (see
+            `domain_prior_init`); training is free to move it.
+        domain_group_prior: initial prior logit gap between a domain's own group and general experts (0)
+            and the experts of the other domains' groups (`-domain_group_prior`).
+        layer_num_heads: per layer, the attention heads kept by structured pruning (`core.compress`), or None
+            (every layer has `num_heads`). The head size stays `hidden_size // num_heads`.
+        layer_routed_experts: per layer, the routed experts kept by expert pruning, or None (every layer has
+            `n_routed_experts`); each must be at least `moe_top_k`.
+        layer_ffn_sizes: per layer, the hidden width of every routed expert after FFN pruning, or None
+            (`ffn_size`).
+        layer_shared_ffn_sizes: per layer, the width of the fused shared experts (MoE layers) or of the dense
+            FFN (`use_moe=False`) after FFN pruning, or None (`n_shared_experts * ffn_size`, resp.
+            `dense_ffn_size`).
     """
 
     model_type = "verticals-core"
@@ -115,6 +130,12 @@ class CoreConfig(PretrainedConfig):
         class_weights: Sequence[float] | None = None,
         volume_modality_id: int = 0,
         initializer_range: float = 0.02,
+        domain_expert_groups: Mapping[str, Sequence[int]] | None = None,
+        domain_group_prior: float = 4.0,
+        layer_num_heads: Sequence[int] | None = None,
+        layer_routed_experts: Sequence[int] | None = None,
+        layer_ffn_sizes: Sequence[int] | None = None,
+        layer_shared_ffn_sizes: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
         self.hidden_size = hidden_size
@@ -158,6 +179,18 @@ class CoreConfig(PretrainedConfig):
         self.class_weights = list(class_weights) if class_weights is not None else None
         self.volume_modality_id = volume_modality_id
         self.initializer_range = initializer_range
+        self.domain_expert_groups = (
+            {str(name): [int(e) for e in experts] for name, experts in domain_expert_groups.items()}
+            if domain_expert_groups is not None
+            else None
+        )
+        self.domain_group_prior = domain_group_prior
+        self.layer_num_heads = list(layer_num_heads) if layer_num_heads is not None else None
+        self.layer_routed_experts = list(layer_routed_experts) if layer_routed_experts is not None else None
+        self.layer_ffn_sizes = list(layer_ffn_sizes) if layer_ffn_sizes is not None else None
+        self.layer_shared_ffn_sizes = (
+            list(layer_shared_ffn_sizes) if layer_shared_ffn_sizes is not None else None
+        )
         # `num_labels` is owned by PretrainedConfig (it builds id2label from it).
         # A saved config carries id2label instead; it then decides the number of labels.
         if "id2label" not in kwargs:
@@ -180,11 +213,61 @@ class CoreConfig(PretrainedConfig):
     def num_domains(self) -> int:
         return len(self.domains)
 
+    def heads_in_layer(self, layer_idx: int) -> int:
+        """Attention heads of layer `layer_idx` (fewer than `num_heads` after head pruning)."""
+        return self.num_heads if self.layer_num_heads is None else self.layer_num_heads[layer_idx]
+
+    def experts_in_layer(self, layer_idx: int) -> int:
+        """Routed experts of layer `layer_idx` (fewer than `n_routed_experts` after expert pruning)."""
+        return (
+            self.n_routed_experts
+            if self.layer_routed_experts is None
+            else self.layer_routed_experts[layer_idx]
+        )
+
+    def ffn_size_in_layer(self, layer_idx: int) -> int:
+        """Hidden width of each routed expert of layer `layer_idx`."""
+        return self.ffn_size if self.layer_ffn_sizes is None else self.layer_ffn_sizes[layer_idx]
+
+    def shared_ffn_size_in_layer(self, layer_idx: int) -> int:
+        """Width of the fused shared experts (MoE) or of the dense FFN (no MoE) of layer `layer_idx`."""
+        if self.layer_shared_ffn_sizes is not None:
+            return self.layer_shared_ffn_sizes[layer_idx]
+        return self.n_shared_experts * self.ffn_size if self.use_moe else self.dense_ffn_size
+
     def domain_id(self, name: str) -> int:
         """Index of a domain name, raising `ConfigError` listing the known domains."""
         if name not in self.domains:
             raise ConfigError(f"CoreConfig.domains: unknown domain {name!r}; known domains: {self.domains}")
         return self.domains.index(name)
+
+    def general_experts(self) -> list[int]:
+        """Routed experts in no domain's group (all of them without `domain_expert_groups`)."""
+        grouped = {e for experts in (self.domain_expert_groups or {}).values() for e in experts}
+        return [e for e in range(self.n_routed_experts) if e not in grouped]
+
+    def domain_prior_init(self) -> list[list[float]] | None:
+        """Initial router prior (num_domains x n_routed_experts logits) from `domain_expert_groups`.
+
+        A domain with a group gets 0 on its own group and the general experts and `-domain_group_prior` on
+        the other domains' groups; a domain without a group gets 0 everywhere. None without groups.
+        """
+        if not self.domain_expert_groups:
+            return None
+        rows = []
+        for name in self.domains:
+            own = self.domain_expert_groups.get(name)
+            if own is None:
+                rows.append([0.0] * self.n_routed_experts)
+                continue
+            allowed = set(own) | set(self.general_experts())
+            rows.append(
+                [
+                    0.0 if e in allowed else -float(self.domain_group_prior)
+                    for e in range(self.n_routed_experts)
+                ]
+            )
+        return rows
 
     def _validate(self) -> None:
         for field in ("hidden_size", "num_layers", "num_heads", "ffn_size", "dense_ffn_size", "block_size"):
@@ -295,3 +378,58 @@ class CoreConfig(PretrainedConfig):
             f"an integer in [0, num_modalities={self.num_modalities})",
             self.volume_modality_id,
         )
+        self._validate_pruned_layers()
+        self._validate_expert_groups()
+
+    def _validate_pruned_layers(self) -> None:
+        limits = {
+            "layer_num_heads": (1, self.num_heads),
+            "layer_routed_experts": (self.moe_top_k, self.n_routed_experts),
+            "layer_ffn_sizes": (1, None),
+            "layer_shared_ffn_sizes": (0 if self.use_moe else 1, None),
+        }
+        for field, (low, high) in limits.items():
+            values = getattr(self, field)
+            if values is None:
+                continue
+            upper = "" if high is None else f" and <= {high}"
+            _expect(
+                len(values) == self.num_layers
+                and all(isinstance(v, int) and v >= low and (high is None or v <= high) for v in values),
+                field,
+                f"None or {self.num_layers} integers (one per layer) >= {low}{upper}",
+                values,
+            )
+        if self.layer_shared_ffn_sizes is not None and self.use_moe:
+            _expect(
+                all((v > 0) == (self.n_shared_experts > 0) for v in self.layer_shared_ffn_sizes),
+                "layer_shared_ffn_sizes",
+                f"widths > 0 exactly when n_shared_experts > 0 (n_shared_experts={self.n_shared_experts})",
+                self.layer_shared_ffn_sizes,
+            )
+
+    def _validate_expert_groups(self) -> None:
+        _expect(self.domain_group_prior >= 0, "domain_group_prior", "a float >= 0", self.domain_group_prior)
+        if self.domain_expert_groups is None:
+            return
+        unknown = sorted(set(self.domain_expert_groups) - set(self.domains))
+        _expect(not unknown, "domain_expert_groups", f"keys among domains {self.domains}", unknown)
+        seen: set[int] = set()
+        for name, experts in self.domain_expert_groups.items():
+            _expect(
+                len(experts) >= 1
+                and all(0 <= e < self.n_routed_experts for e in experts)
+                and not seen & set(experts)
+                and len(set(experts)) == len(experts),
+                f"domain_expert_groups[{name!r}]",
+                f"distinct expert ids in [0, n_routed_experts={self.n_routed_experts}) in no other group",
+                experts,
+            )
+            seen |= set(experts)
+            reachable = len(experts) + len(self.general_experts())
+            _expect(
+                reachable >= self.moe_top_k,
+                f"domain_expert_groups[{name!r}]",
+                f"a group that with the general experts holds at least moe_top_k={self.moe_top_k} experts",
+                experts,
+            )

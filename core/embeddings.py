@@ -97,6 +97,7 @@ class FieldEmbedder(nn.Module):
         categorical = categorical or {}
         batch, length = self._shape(categorical, numeric, time_delta, shape)
         device = self.modality.weight.device
+        exporting = torch.compiler.is_exporting()
         out = torch.zeros(batch, length, self.modality.embedding_dim, device=device)
         missing = [name for name in self.field_names if name not in categorical]
         if missing:
@@ -107,7 +108,13 @@ class FieldEmbedder(nn.Module):
                     f"FieldEmbedder: unknown categorical field {name!r}; configured fields: {self.field_names}"
                 )
             table = self.categorical[name]
-            if ids.numel() and (int(ids.max()) >= table.num_embeddings or int(ids.min()) < 0):
+            # Range and finiteness checks need a host sync; an exported graph (core.compress) checks
+            # them in `core.onnx_model` before the session runs.
+            if (
+                not exporting
+                and ids.numel()
+                and (int(ids.max()) >= table.num_embeddings or int(ids.min()) < 0)
+            ):
                 raise InputValidationError(
                     f"FieldEmbedder: field {name!r} has ids outside [0, {table.num_embeddings}); "
                     "map unseen values to the unknown bucket (1) with the saved vocabulary"
@@ -116,7 +123,10 @@ class FieldEmbedder(nn.Module):
         if self.n_numeric:
             if numeric is None:
                 raise InputValidationError(f"FieldEmbedder: numeric values ({self.n_numeric} fields) missing")
-            if not torch.isfinite(numeric[numeric_mask] if numeric_mask is not None else numeric).all():
+            if (
+                not exporting
+                and not torch.isfinite(numeric[numeric_mask] if numeric_mask is not None else numeric).all()
+            ):
                 raise InputValidationError(
                     "FieldEmbedder: numeric values contain NaN or inf; mark them missing"
                 )

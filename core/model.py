@@ -34,7 +34,11 @@ class EncoderLayer(GradientCheckpointingLayer):
         self.attention_norm = nn.RMSNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = DynamicAttention(config, layer_idx)
         self.ffn_norm = nn.RMSNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.ffn = DomainMoE(config) if config.use_moe else SwiGLU(config.hidden_size, config.dense_ffn_size)
+        self.ffn = (
+            DomainMoE(config, layer_idx)
+            if config.use_moe
+            else SwiGLU(config.hidden_size, config.shared_ffn_size_in_layer(layer_idx))
+        )
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
@@ -186,8 +190,9 @@ class CoreModel(PreTrainedModel):
             if module.n_numeric:
                 nn.init.normal_(module.numeric_missing, std=std)
         elif isinstance(module, DomainMoE) and module.domain_prior is not None:
-            # No domain preference until training finds one (children were initialised first).
-            nn.init.zeros_(module.domain_prior.weight)
+            # No domain preference until training finds one, beyond the configured expert groups
+            # (children were initialised first).
+            module.reset_domain_prior()
 
     # ------------------------------------------------------------------ forward
     def forward(

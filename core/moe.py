@@ -27,6 +27,24 @@ logger = logging.getLogger(__name__)
 _TINY = torch.finfo(torch.float32).tiny
 
 
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on `tensor` runs in: the autocast dtype inside autocast, else its own."""
+    if torch.is_autocast_enabled(tensor.device.type):
+        return torch.get_autocast_dtype(tensor.device.type)
+    return tensor.dtype
+
+
+def _grouped_mm(inputs: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows [offsets[e-1], offsets[e]) of `inputs` (M, K) times `weights[e]` (K, N) for every group e."""
+    grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    return grouped_mm(inputs, weights, offs=offsets)
+
+
+def _grouped_mm_usable(tensor: torch.Tensor) -> bool:
+    """Grouped GEMMs pay off on CUDA in bf16 (one kernel instead of a launch and a host sync per expert)."""
+    return tensor.device.type == "cuda" and _compute_dtype(tensor) == torch.bfloat16
+
+
 class SwiGLU(nn.Module):
     """SwiGLU feed-forward block `w2(silu(w1 x) * w3 x)` without biases (Shazeer 2020).
 
@@ -104,27 +122,34 @@ class DomainMoE(nn.Module):
     domain_expert_mass: torch.Tensor
     _FLOAT32_BUFFERS = ("expert_bias", "domain_expert_mass")
 
-    def __init__(self, config: CoreConfig) -> None:
+    def __init__(self, config: CoreConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.hidden_size = config.hidden_size
-        self.num_experts = config.n_routed_experts
+        # Expert and FFN pruning (`core.compress`) give each layer its own expert count and widths.
+        self.num_experts = config.experts_in_layer(layer_idx)
         self.num_shared_experts = config.n_shared_experts
         self.top_k = config.moe_top_k
         self.num_domains = config.num_domains
         self.balance = config.balance
         self.bias_update_rate = config.bias_update_rate
         self.track_routing = True
+        #: "auto" (grouped GEMMs on CUDA in bf16, the per-expert loop elsewhere), "grouped" or "loop".
+        self.dispatch = "auto"
 
         self.router = nn.Linear(config.hidden_size, self.num_experts, bias=False)
         self.domain_prior: nn.Embedding | None = None
+        # Initial prior of `config.domain_expert_groups` (None: no preference); only for unpruned layers,
+        # whose expert ids are the ones the groups name.
+        prior_init = config.domain_prior_init()
+        self._domain_prior_init = prior_init if self.num_experts == config.n_routed_experts else None
         if config.router_domain_prior:
             self.domain_prior = nn.Embedding(self.num_domains, self.num_experts)
-            nn.init.zeros_(self.domain_prior.weight)
-        expert_sizes = (config.hidden_size, config.ffn_size)
+            self.reset_domain_prior()
+        expert_sizes = (config.hidden_size, config.ffn_size_in_layer(layer_idx))
         self.experts = nn.ModuleList(SwiGLU(*expert_sizes) for _ in range(self.num_experts))
         self.shared_experts: SwiGLU | None = None
         if self.num_shared_experts > 0:
-            self.shared_experts = SwiGLU(config.hidden_size, config.ffn_size * self.num_shared_experts)
+            self.shared_experts = SwiGLU(config.hidden_size, config.shared_ffn_size_in_layer(layer_idx))
 
         # Selection-only bias, float32 whatever the model dtype (see `_apply`): 1e-3 steps vanish in bf16.
         self.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32))
@@ -136,6 +161,17 @@ class DomainMoE(nn.Module):
         self.register_buffer(
             "domain_expert_mass", torch.zeros(self.num_domains, self.num_experts, dtype=torch.float32)
         )
+
+    @torch.no_grad()
+    def reset_domain_prior(self) -> None:
+        """Set the router prior to its initial value: the expert-group prior of the config, else zero."""
+        if self.domain_prior is None:
+            return
+        if self._domain_prior_init is None:
+            nn.init.zeros_(self.domain_prior.weight)
+            return
+        weight = self.domain_prior.weight
+        weight.copy_(torch.tensor(self._domain_prior_init, dtype=weight.dtype, device=weight.device))
 
     def _keep_float32_buffers(self) -> None:
         # The bias moves in steps of ~1e-3 and the mass is a long running sum: both stall in bf16/fp16.
@@ -230,6 +266,10 @@ class DomainMoE(nn.Module):
             # Padding assignments get the sentinel id E: they sort after every real one, are never run and
             # fall out of every count.
             flat_expert = flat_expert.masked_fill(~real_flat.repeat_interleave(self.top_k), self.num_experts)
+        if torch.compiler.is_exporting():
+            # torch.export / ONNX: no host sync and no statistics (inference graphs only).
+            output = self._dispatch_export(hidden_states_flat, flat_expert, topk_weight)
+            return output.reshape(batch_size, seq_len, hidden_size), router_logits
         expert_counts = torch.bincount(flat_expert, minlength=self.num_experts + 1)  # (E + 1,)
         expert_counts = expert_counts[: self.num_experts]  # (E,) real assignments per expert
         self._record_routing(flat_expert, expert_counts, probs, domain_ids_flat, real_flat)
@@ -243,7 +283,13 @@ class DomainMoE(nn.Module):
         topk_weight: torch.Tensor,
         expert_counts: torch.Tensor,
     ) -> torch.Tensor:
-        """Sorted dispatch: each routed expert runs once on the contiguous slice of tokens that chose it."""
+        """Sorted dispatch: each routed expert runs once on the contiguous slice of tokens that chose it.
+
+        On CUDA in bf16 the experts run as three grouped GEMMs (`grouped_dispatch`) with no host sync;
+        elsewhere as a loop over the experts, which needs the per-expert counts on the host.
+        """
+        if self.dispatch == "grouped" or (self.dispatch == "auto" and _grouped_mm_usable(hidden_states_flat)):
+            return self._dispatch_grouped(hidden_states_flat, flat_expert, topk_weight, expert_counts)
         if self.shared_experts is not None:
             output = self.shared_experts(hidden_states_flat)  # (N, H)
         else:
@@ -269,6 +315,60 @@ class DomainMoE(nn.Module):
             expert_output = expert(expert_inputs[start:end], combine_weight[start:end])  # (count, H)
             output.index_add_(0, token_idx[start:end], expert_output.to(output.dtype))
             start = end
+        return output
+
+    def _dispatch_grouped(
+        self,
+        hidden_states_flat: torch.Tensor,
+        flat_expert: torch.Tensor,
+        topk_weight: torch.Tensor,
+        expert_counts: torch.Tensor,
+    ) -> torch.Tensor:
+        """Sorted dispatch as grouped GEMMs over all assignments: no Python loop and no host sync.
+
+        Padding assignments (sentinel id E) sort last; their input rows are zeroed and the last group is
+        extended over them, so every row the GEMMs touch is defined and the padding rows add exactly 0
+        (SwiGLU has no bias) and pass no gradient on.
+        """
+        dtype = _compute_dtype(hidden_states_flat)
+        if self.shared_experts is not None:
+            output = self.shared_experts(hidden_states_flat)  # (N, H)
+        else:
+            output = torch.zeros_like(hidden_states_flat)  # (N, H)
+        order = flat_expert.argsort(stable=True)  # (N * k,) assignments grouped by expert, padding last
+        token_idx = order // self.top_k  # (N * k,)
+        real = (flat_expert.index_select(0, order) < self.num_experts).unsqueeze(-1)  # (N * k, 1)
+        total = flat_expert.new_full((1,), flat_expert.numel())
+        offsets = torch.cat([expert_counts.cumsum(0)[:-1], total]).to(torch.int32)  # (E,) end of each group
+        inputs = hidden_states_flat.index_select(0, token_idx).to(dtype)  # (N * k, H)
+        inputs = torch.where(real, inputs, inputs.new_zeros(()))
+        scale = topk_weight.reshape(-1).index_select(0, order).unsqueeze(-1).to(dtype)  # (N * k, 1)
+        w1, w3, w2 = (
+            torch.stack([getattr(expert, name).weight for expert in self.experts]).to(dtype).transpose(1, 2)
+            for name in ("w1", "w3", "w2")
+        )  # (E, H, F), (E, H, F), (E, F, H)
+        gate = _grouped_mm(inputs, w1, offsets)  # (N * k, F)
+        up = _grouped_mm(inputs, w3, offsets) * scale  # (N * k, F)
+        expert_output = _grouped_mm(F.silu(gate) * up, w2, offsets)  # (N * k, H)
+        return output.index_add(0, token_idx, expert_output.to(output.dtype))
+
+    def _dispatch_export(
+        self, hidden_states_flat: torch.Tensor, flat_expert: torch.Tensor, topk_weight: torch.Tensor
+    ) -> torch.Tensor:
+        """Export-friendly dispatch (ONNX): per expert, `nonzero` finds its assignments, the expert runs on
+        those tokens only and `index_add` scatters the result; sizes stay data-dependent, never dense."""
+        if self.shared_experts is not None:
+            output = self.shared_experts(hidden_states_flat)  # (N, H)
+        else:
+            output = torch.zeros_like(hidden_states_flat)  # (N, H)
+        weights = topk_weight.reshape(-1, 1)  # (N * k, 1)
+        for expert_id, expert in enumerate(self.experts):
+            assignment = (flat_expert == expert_id).nonzero().reshape(-1)  # (M_e,) padding never matches
+            token_idx = assignment // self.top_k  # (M_e,)
+            expert_output = expert(
+                hidden_states_flat.index_select(0, token_idx), weights.index_select(0, assignment)
+            )  # (M_e, H)
+            output = output.index_add(0, token_idx, expert_output.to(output.dtype))
         return output
 
     @torch.no_grad()
@@ -317,7 +417,7 @@ class DomainMoE(nn.Module):
                 f"got shape {tuple(domain_ids.shape)}"
             )
         # Range check only where it costs no device sync; CoreModel validates ids once at its entry.
-        if domain_ids.device.type == "cpu" and domain_ids.numel() > 0:
+        if domain_ids.device.type == "cpu" and domain_ids.numel() > 0 and not torch.compiler.is_exporting():
             low, high = int(domain_ids.min()), int(domain_ids.max())
             if low < 0 or high >= self.num_domains:
                 raise InputValidationError(

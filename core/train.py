@@ -16,7 +16,7 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 APP_FILE = "app.json"
 METRICS_FILE = "metrics.json"
+SUITE_FILE = "suite.json"
 TASK_TARGETS = ("labels", "token_labels", "next_item_ids", "next_labels")
 
 
@@ -50,6 +51,23 @@ class ExampleDataset(Dataset):
 
     def __getitem__(self, index: int) -> Mapping[str, Any]:
         return self.examples[index]
+
+
+@dataclass
+class TrainingPlan:
+    """What an app's `fit` prepares before training, so that another trainer (the suite) can train it.
+
+    Attributes:
+        config: the CoreConfig of the app's model.
+        task_examples: labelled examples of stage 2 (see `core.data`).
+        pretrain_examples: examples of stage 1 (masked-field modelling; task targets are dropped).
+        context: the app's own state needed to finish fitting (encoders, validation data, ...).
+    """
+
+    config: CoreConfig
+    task_examples: list[Mapping[str, Any]]
+    pretrain_examples: list[Mapping[str, Any]]
+    context: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -262,15 +280,77 @@ def save_checkpoint(
     return model_dir
 
 
+def resolve_model_dir(model_dir: str | Path, domain: str | None = None) -> Path:
+    """The model directory to load: a suite directory (with `suite.json`) resolves to its part `DIR/<domain>`.
+
+    Args:
+        model_dir: an app's model directory, or a suite directory written by `verticals suite train`.
+        domain: the suite domain (app) to load from a suite directory; with an app's own directory it
+            must be None or that directory's app.
+
+    Returns:
+        The directory holding config.json, model.safetensors and app.json.
+
+    Raises:
+        InputValidationError: a suite directory without `domain`, an unknown domain (names the known ones),
+            or a domain that does not match an app's own directory.
+    """
+    model_dir = Path(model_dir)
+    suite_file = model_dir / SUITE_FILE
+    if suite_file.is_file():
+        known = list(json.loads(suite_file.read_text()).get("domains", []))
+        if domain is None:
+            raise InputValidationError(
+                f"{model_dir}: a suite model directory; choose its part with --domain, one of {known}"
+            )
+        if domain not in known or not (model_dir / domain).is_dir():
+            raise InputValidationError(
+                f"{model_dir}: the suite model has no domain {domain!r}; known domains: {known}"
+            )
+        return model_dir / domain
+    if domain is not None and (model_dir / APP_FILE).is_file():
+        app = json.loads((model_dir / APP_FILE).read_text()).get("app")
+        if app != domain:
+            raise InputValidationError(
+                f"{model_dir}: not a suite model directory but a model of app {app!r}; "
+                f"--domain {domain!r} applies to suite directories (drop it, or pass --domain {app})"
+            )
+    return model_dir
+
+
+def weights_file(model_dir: str | Path) -> Path:
+    """The weights of a model directory: model.safetensors, or model.onnx for a `core.compress` int8 artifact."""
+    model_dir = Path(model_dir)
+    onnx_file = model_dir / "model.onnx"
+    if onnx_file.is_file() and not (model_dir / "model.safetensors").is_file():
+        return onnx_file
+    return model_dir / "model.safetensors"
+
+
 def load_checkpoint(
-    model_dir: str | Path, device: str | torch.device = "cpu"
+    model_dir: str | Path, device: str | torch.device = "cpu", domain: str | None = None
 ) -> tuple[CoreModel, dict[str, Any]]:
     """Load a model directory written by `save_checkpoint`: (model in eval mode, app.json contents).
 
+    Args:
+        model_dir: the model directory, or a suite directory (then `domain` picks its part, see
+            `resolve_model_dir`).
+        device: where the model goes.
+        domain: the suite domain to load from a suite directory.
+
     Raises:
-        InputValidationError: when the folder is not a model directory (names the missing file).
+        InputValidationError: when the folder is not a model directory (names the missing file), or a suite
+            directory without a valid `domain`.
     """
-    model_dir = Path(model_dir)
+    model_dir = resolve_model_dir(model_dir, domain)
+    if weights_file(model_dir).name == "model.onnx":
+        # An int8 artifact of `core.compress`: an ONNX Runtime model with the CoreModel call interface.
+        from core.onnx_model import OnnxCoreModel
+
+        for name in ("config.json", APP_FILE):
+            if not (model_dir / name).is_file():
+                raise InputValidationError(f"{model_dir}: not a verticals model directory ({name} missing)")
+        return OnnxCoreModel(model_dir).to(device), json.loads((model_dir / APP_FILE).read_text())
     for name in ("config.json", "model.safetensors", APP_FILE):
         if not (model_dir / name).is_file():
             raise InputValidationError(

@@ -203,3 +203,29 @@ def test_rejects_nothing_silently_on_all_padding_rows() -> None:
     mask[0, :5] = True
     out, _ = attention(torch.randn(2, 12, 32), mask, force_dense=False)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("causal", [False, True])
+def test_flex_block_mask_without_full_blocks_gives_the_same_attention(causal: bool) -> None:
+    # Declaring every kept block partial only costs speed: the element mask alone must give the same output.
+    from core.attention import flex_sparse_attention
+
+    attention = make_attention(causal, top_k_blocks=1)
+    bs = attention.block_size
+    q, k, v = (torch.randn(2, attention.num_heads, 4 * bs, attention.head_dim) for _ in range(3))
+    outputs = [
+        flex_sparse_attention(q, k, v, None, attention.gating_factor, bs, 1, causal, full_blocks=full)[0]
+        for full in (True, False)
+    ]
+    expected, _ = attention._block_sparse(q, k, v, None, False)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outputs[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_backend_is_gather_on_cpu_and_flex_on_cuda() -> None:
+    attention = make_attention(False, top_k_blocks=1)
+    assert attention.backend(torch.device("cpu")) == "gather"
+    assert attention.backend(torch.device("cuda")) == "flex"
+    with torch.no_grad():  # no longer inference-only: training on CUDA takes the flex backend too
+        assert attention.backend(torch.device("cuda")) == "flex"

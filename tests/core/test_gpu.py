@@ -70,3 +70,23 @@ def test_two_stage_training_runs_in_bf16_on_gpu(tmp_path) -> None:
     )
     assert metrics["task"]["train_loss"] > 0
     assert next(model.parameters()).is_cuda
+
+
+def test_moe_grouped_gemm_dispatch_on_cuda_bf16_matches_the_loop() -> None:
+    from core.moe import DomainMoE
+
+    config = CoreConfig(hidden_size=128, ffn_size=64, num_heads=2, n_routed_experts=16, domains=("a", "b"))
+    moe = DomainMoE(config).cuda()
+    hidden = torch.randn(4, 256, 128, device="cuda")
+    mask = torch.ones(4, 256, dtype=torch.bool, device="cuda")
+    mask[1, 100:] = False
+    outputs = {}
+    for mode in ("loop", "grouped"):
+        moe.dispatch = mode
+        moe.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out, _ = moe(hidden, None, mask)
+        out.float().pow(2).mean().backward()
+        outputs[mode] = (out.float(), moe.experts[0].w1.weight.grad.float().clone())
+    torch.testing.assert_close(outputs["grouped"][0], outputs["loop"][0], atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(outputs["grouped"][1], outputs["loop"][1], atol=3e-2, rtol=5e-2)

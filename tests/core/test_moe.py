@@ -420,3 +420,31 @@ def test_autocast_forward_and_backward_run_in_mixed_precision(moe: DomainMoE) ->
 
     assert output.shape == (2, 5, 32)
     assert torch.isfinite(hidden_states.grad).all()
+
+
+@pytest.mark.parametrize("n_shared_experts", [0, 1])
+def test_grouped_gemm_dispatch_equals_the_per_expert_loop(
+    tiny_config: CoreConfig, n_shared_experts: int
+) -> None:
+    # The grouped path (used on CUDA in bf16) must give the loop's outputs and gradients, padding included.
+    config = CoreConfig(**{**tiny_config.to_dict(), "n_shared_experts": n_shared_experts})
+    moe = DomainMoE(config)
+    torch.manual_seed(3)
+    hidden = torch.randn(3, 9, config.hidden_size, requires_grad=True)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[0, 6:] = False
+    mask[2, 1:] = False
+    domains = torch.randint(0, config.num_domains, (3, 9))
+    params = [hidden, moe.router.weight, *(e.w1.weight for e in moe.experts), moe.experts[-1].w2.weight]
+    results = {}
+    for mode in ("loop", "grouped"):
+        moe.dispatch = mode
+        out, _ = moe(hidden, domains, mask)
+        results[mode] = (
+            out,
+            torch.autograd.grad((out * torch.arange(out.numel()).view_as(out)).sum(), params),
+        )
+    torch.testing.assert_close(results["grouped"][0], results["loop"][0], atol=1e-5, rtol=1e-5)
+    for grouped_grad, loop_grad in zip(results["grouped"][1], results["loop"][1], strict=True):
+        assert torch.isfinite(grouped_grad).all()
+        torch.testing.assert_close(grouped_grad, loop_grad, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,785 @@
+"""Lightweight deployment: expert pruning, structured FFN/head pruning, ONNX export, int8 and QAT.
+
+Every step works on a model directory written by `core.train.save_checkpoint` (an app model, or one
+domain's part of a suite model) and writes another model directory:
+
+- `plan_expert_pruning` (+ `routing_usage`): drop the routed experts a domain does not use (routing
+  statistics measured on calibration examples), slicing the router rows, the domain prior, the selection
+  bias and the statistics; the kept experts take over every token (top-k over the kept ones).
+- `plan_structured_pruning`: remove the least important FFN units of every expert / shared / dense FFN
+  (|W_down| column norm x mean |activation| on calibration data) and attention heads (|W_o| block norm x
+  mean head-output norm). `apply_plan` builds the physically smaller model; the per-layer sizes go to
+  `CoreConfig.layer_*`.
+- `export_onnx` + `quantize_int8` (in `core.onnx_model`): `torch.onnx.export(..., dynamo=True)` of the
+  inference forward, then ONNX Runtime dynamic int8 (MatMul, Gemm, Conv and Gather, i.e. embeddings
+  included). `core.onnx_model.OnnxCoreModel` loads the result.
+- `qat_finetune`: a few task steps with fake-quantised weights (per-channel symmetric int8, as ONNX
+  Runtime quantises them) and activations (per-tensor asymmetric uint8 with the range of each batch, as
+  dynamic quantisation computes it), straight-through gradients; then the same export.
+
+`compress` chains them and writes `compression.json` (sizes, latency against the fp32 eager parent, CPU
+flags, what was pruned); the caller adds metric deltas with `update_report`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.config import CoreConfig
+from core.data import Batch, collate
+from core.errors import ConfigError, InputValidationError
+from core.model import CoreModel
+from core.moe import DomainMoE, SwiGLU
+from core.onnx_model import (
+    EXPLAIN_ONNX_FILE,
+    ONNX_FILE,
+    ONNX_META_FILE,
+    WEIGHT_FILES,
+    export_onnx,
+    flat_inputs,
+    inference_inputs,
+    quantize_int8,
+)
+
+logger = logging.getLogger(__name__)
+
+COMPRESSION_FILE = "compression.json"
+
+
+# ---------------------------------------------------------------------- calibration helpers
+def _batches(examples: Sequence[Mapping[str, Any]], batch_size: int) -> Iterator[Batch]:
+    for start in range(0, len(examples), batch_size):
+        yield collate(examples[start : start + batch_size])
+
+
+@torch.inference_mode()
+def _run_calibration(model: CoreModel, examples: Sequence[Mapping[str, Any]], batch_size: int) -> int:
+    if not examples:
+        raise InputValidationError("compression: calibration needs at least one encoded example")
+    model.eval()
+    tokens = 0
+    for batch in _batches(examples, batch_size):
+        model(**inference_inputs(batch))
+        tokens += int(batch.attention_mask.sum())
+    return tokens
+
+
+def routing_usage(
+    model: CoreModel, examples: Sequence[Mapping[str, Any]], batch_size: int = 32
+) -> list[np.ndarray]:
+    """Per MoE layer, the (num_domains, n_experts) share of each domain's assignments per expert.
+
+    The model's stored statistics are cleared and re-measured on `examples` (eval mode, real tokens only).
+    """
+    for moe in model.moe_layers():
+        moe.track_routing = True
+        moe.reset_routing_stats()
+    _run_calibration(model, examples, batch_size)
+    return [moe.routing_stats()["count_share"] for moe in model.moe_layers()]
+
+
+# ---------------------------------------------------------------------- rebuilding a smaller model
+@dataclass
+class PrunePlan:
+    """What to keep, per layer: head ids, routed expert ids, unit ids per expert / shared / dense FFN."""
+
+    heads: list[list[int] | None] = field(default_factory=list)
+    experts: list[list[int] | None] = field(default_factory=list)
+    expert_units: list[dict[int, list[int]] | None] = field(default_factory=list)
+    shared_units: list[list[int] | None] = field(default_factory=list)
+
+    @classmethod
+    def identity(cls, model: CoreModel) -> PrunePlan:
+        n = len(model.layers)
+        return cls([None] * n, [None] * n, [None] * n, [None] * n)
+
+
+def _ffn_width(module: SwiGLU) -> int:
+    return module.w1.out_features
+
+
+def _pruned_config(model: CoreModel, plan: PrunePlan) -> CoreConfig:
+    config = model.config
+    layer_heads, layer_experts, layer_ffn, layer_shared = [], [], [], []
+    for i, layer in enumerate(model.layers):
+        heads = plan.heads[i]
+        layer_heads.append(layer.attention.num_heads if heads is None else len(heads))
+        ffn = layer.ffn
+        if isinstance(ffn, DomainMoE):
+            experts = plan.experts[i]
+            layer_experts.append(ffn.num_experts if experts is None else len(experts))
+            units = plan.expert_units[i]
+            width = _ffn_width(ffn.experts[0])
+            if units is not None:
+                widths = {len(v) for v in units.values()}
+                if len(widths) != 1:
+                    raise ConfigError(f"layer {i}: pruned experts must keep one common width, got {widths}")
+                width = widths.pop()
+            layer_ffn.append(width)
+            shared = ffn.shared_experts
+            full_shared = 0 if shared is None else _ffn_width(shared)
+        else:
+            layer_experts.append(config.n_routed_experts)
+            layer_ffn.append(config.ffn_size)
+            full_shared = _ffn_width(ffn)
+        layer_shared.append(full_shared if plan.shared_units[i] is None else len(plan.shared_units[i]))
+    values = config.to_dict()
+    for key in ("layer_num_heads", "layer_routed_experts", "layer_ffn_sizes", "layer_shared_ffn_sizes"):
+        values.pop(key, None)
+    for key in ("architectures", "transformers_version", "model_type"):
+        values.pop(key, None)
+    if config.use_moe:
+        values["layer_routed_experts"] = layer_experts
+        values["layer_ffn_sizes"] = layer_ffn
+    values["layer_num_heads"] = layer_heads
+    values["layer_shared_ffn_sizes"] = layer_shared
+    return CoreConfig(**values)
+
+
+def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
+    return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
+
+
+def _slice_swiglu(
+    state: dict[str, torch.Tensor], old: str, new: str, units: list[int] | None, out: dict
+) -> None:
+    for name, dim in (("w1", 0), ("w3", 0), ("w2", 1)):
+        tensor = state[f"{old}.{name}.weight"]
+        if units is not None:
+            tensor = tensor.index_select(dim, torch.as_tensor(units))
+        out[f"{new}.{name}.weight"] = tensor
+
+
+def _moe_state(prefix: str, moe: DomainMoE, state: dict, experts: list[int] | None, units, shared_units, out):
+    """Slice one DomainMoE: expert-indexed tensors along their expert dimension, experts renumbered."""
+    keep = list(range(moe.num_experts)) if experts is None else experts
+    index = torch.as_tensor(keep)
+    for new_id, old_id in enumerate(keep):
+        expert_units = None if units is None else units[old_id]
+        _slice_swiglu(state, f"{prefix}.experts.{old_id}", f"{prefix}.experts.{new_id}", expert_units, out)
+    if moe.shared_experts is not None:
+        _slice_swiglu(state, f"{prefix}.shared_experts", f"{prefix}.shared_experts", shared_units, out)
+    for name, tensor in state.items():
+        if not name.startswith(prefix + ".") or name.startswith(
+            (f"{prefix}.experts.", f"{prefix}.shared_experts.")
+        ):
+            continue
+        # Router rows, domain-prior columns, selection bias, statistics, and any other per-expert tensor
+        # (one dimension of size num_experts) follow the kept experts.
+        dims = [d for d, size in enumerate(tensor.shape) if size == moe.num_experts]
+        if experts is not None and dims:
+            dim = 0 if name.endswith("router.weight") else dims[-1]
+            tensor = tensor.index_select(dim, index)
+        out[name] = tensor
+
+
+def _pruned_state(model: CoreModel, plan: PrunePlan) -> dict[str, torch.Tensor]:
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    head_dim = model.config.head_dim
+    handled: set[str] = set()
+    for i, layer in enumerate(model.layers):
+        prefix = f"layers.{i}"
+        heads = plan.heads[i]
+        if heads is not None:
+            rows = _head_rows(heads, head_dim)
+            att = f"{prefix}.attention"
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                out[f"{att}.{proj}.weight"] = state[f"{att}.{proj}.weight"].index_select(0, rows)
+            out[f"{att}.o_proj.weight"] = state[f"{att}.o_proj.weight"].index_select(1, rows)
+            out[f"{att}.gating_factor"] = state[f"{att}.gating_factor"].index_select(
+                0, torch.as_tensor(heads)
+            )
+            for name in ("weight", "bias"):
+                key = f"{att}.gate_proj.{name}"
+                if key in state:
+                    out[key] = state[key].index_select(0, torch.as_tensor(heads))
+        ffn_prefix = f"{prefix}.ffn"
+        if isinstance(layer.ffn, DomainMoE):
+            _moe_state(
+                ffn_prefix, layer.ffn, state, plan.experts[i], plan.expert_units[i], plan.shared_units[i], out
+            )
+        else:
+            _slice_swiglu(state, ffn_prefix, ffn_prefix, plan.shared_units[i], out)
+        handled.update(k for k in state if k.startswith(ffn_prefix + "."))
+    for name, tensor in state.items():
+        if name not in out and name not in handled:
+            out[name] = tensor
+    return out
+
+
+def apply_plan(model: CoreModel, plan: PrunePlan) -> CoreModel:
+    """A new, physically smaller `CoreModel` holding the kept heads, experts and FFN units of `model`."""
+    config = _pruned_config(model, plan)
+    smaller = CoreModel(config)
+    state = _pruned_state(model, plan)
+    missing, unexpected = smaller.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not k.endswith("expert_load")]:
+        raise ConfigError(
+            f"pruning produced a state that does not fit: missing {missing}, unexpected {unexpected}"
+        )
+    return smaller.to(model.dtype).eval()
+
+
+# ---------------------------------------------------------------------- expert pruning
+def plan_expert_pruning(
+    model: CoreModel,
+    usage: Sequence[np.ndarray],
+    domain: str | None = None,
+    threshold: float = 0.0,
+) -> PrunePlan:
+    """Keep, per MoE layer, the experts whose share of the domain's assignments exceeds `threshold`.
+
+    Args:
+        usage: per MoE layer, the (num_domains, E) assignment shares (`routing_usage`).
+        domain: keep what this domain uses; None keeps what any domain uses.
+        threshold: an expert used by at most this share is dropped (0: only never-used experts).
+
+    Raises:
+        ConfigError: an unknown domain, a model without MoE, or no routed token for the domain.
+    """
+    if not model.config.use_moe:
+        raise ConfigError("prune_experts: the model has no DomainMoE layers (use_moe=False)")
+    domains = list(range(model.config.num_domains)) if domain is None else [model.config.domain_id(domain)]
+    plan = PrunePlan.identity(model)
+    layer_ids = [i for i, layer in enumerate(model.layers) if isinstance(layer.ffn, DomainMoE)]
+    for layer_idx, shares in zip(layer_ids, usage, strict=True):
+        share = shares[domains].max(axis=0)  # (E,) the most any chosen domain uses each expert
+        if not share.any():
+            raise ConfigError(
+                f"prune_experts: no routed token of domain(s) {[model.config.domains[d] for d in domains]} "
+                "in the routing statistics; give calibration data of that domain"
+            )
+        top_k = model.config.moe_top_k
+        keep = [int(e) for e in np.flatnonzero(share > threshold)]
+        if len(keep) < top_k:  # top-k routing needs k experts: keep the most used ones
+            keep = sorted(int(e) for e in np.argsort(-share, kind="stable")[:top_k])
+        if len(keep) < len(share):
+            plan.experts[layer_idx] = keep
+    return plan
+
+
+# ---------------------------------------------------------------------- structured pruning
+@contextmanager
+def _capture(modules: Mapping[str, nn.Module], reduce: Callable[[torch.Tensor], torch.Tensor]):
+    """Sum `reduce(input)` of each module's input over calibration forwards: {name: (sum, count)}."""
+    totals: dict[str, list] = {name: [None, 0] for name in modules}
+    handles = []
+    for name, module in modules.items():
+
+        def hook(_module, args, name=name):
+            value = args[0].detach().float()
+            rows = value.reshape(-1, value.shape[-1])  # (N, F)
+            if rows.shape[0] == 0:
+                return
+            total = totals[name]
+            reduced = reduce(rows)
+            total[0] = reduced if total[0] is None else total[0] + reduced
+            total[1] += rows.shape[0]
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield totals
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _keep_top(scores: torch.Tensor, ratio: float, minimum: int = 1) -> list[int]:
+    keep = max(minimum, round(len(scores) * (1.0 - ratio)))
+    return sorted(int(i) for i in torch.argsort(scores, descending=True, stable=True)[:keep])
+
+
+def plan_structured_pruning(
+    model: CoreModel,
+    examples: Sequence[Mapping[str, Any]] | None,
+    ffn_ratio: float = 0.0,
+    head_ratio: float = 0.0,
+    batch_size: int = 32,
+    plan: PrunePlan | None = None,
+) -> PrunePlan:
+    """Choose the FFN units and attention heads to keep by importance.
+
+    FFN unit j of a SwiGLU: ||W_down[:, j]|| x mean |a_j| (a = silu(W_gate x) * W_up x on calibration
+    tokens; without examples, ||W_gate[j]|| x ||W_up[j]|| replaces the activation term). Head h:
+    ||W_o[:, block h]|| x mean ||head output h||. Each expert keeps the same number of units (so the experts
+    of a layer keep one width). `ffn_ratio` / `head_ratio` are the shares removed.
+
+    Raises:
+        ConfigError: a ratio outside [0, 1).
+    """
+    for name, ratio in (("ffn_ratio", ffn_ratio), ("head_ratio", head_ratio)):
+        if not 0.0 <= ratio < 1.0:
+            raise ConfigError(f"{name}: expected a share in [0, 1), got {ratio!r}")
+    plan = plan or PrunePlan.identity(model)
+    swiglus = {name: m.w2 for name, m in model.named_modules() if isinstance(m, SwiGLU)}
+    o_projs = {f"layers.{i}": layer.attention.o_proj for i, layer in enumerate(model.layers)}
+    act_sums, head_sums = {}, {}
+    if examples:
+        head_dim = model.config.head_dim
+        with (
+            _capture(swiglus, lambda rows: rows.abs().sum(0)) as act_sums,
+            _capture(
+                o_projs, lambda rows: rows.view(rows.shape[0], -1, head_dim).norm(dim=-1).sum(0)
+            ) as head_sums,
+        ):
+            _run_calibration(model, examples, batch_size)
+
+    def unit_scores(name: str, module: SwiGLU) -> torch.Tensor:
+        down = module.w2.weight.detach().float().norm(dim=0)  # (F,)
+        total, count = act_sums.get(name, (None, 0))
+        if total is not None and count:
+            return down * (total / count)
+        return (
+            down
+            * module.w1.weight.detach().float().norm(dim=1)
+            * module.w3.weight.detach().float().norm(dim=1)
+        )
+
+    for i, layer in enumerate(model.layers):
+        prefix = f"layers.{i}.ffn"
+        if ffn_ratio > 0:
+            if isinstance(layer.ffn, DomainMoE):
+                kept_experts = plan.experts[i] or list(range(layer.ffn.num_experts))
+                width = _ffn_width(layer.ffn.experts[0])
+                keep_n = max(1, round(width * (1.0 - ffn_ratio)))
+                plan.expert_units[i] = {
+                    e: _keep_top(
+                        unit_scores(f"{prefix}.experts.{e}", layer.ffn.experts[e]), 1 - keep_n / width
+                    )
+                    for e in kept_experts
+                }
+                if layer.ffn.shared_experts is not None:
+                    plan.shared_units[i] = _keep_top(
+                        unit_scores(f"{prefix}.shared_experts", layer.ffn.shared_experts), ffn_ratio
+                    )
+            else:
+                plan.shared_units[i] = _keep_top(unit_scores(prefix, layer.ffn), ffn_ratio)
+        if head_ratio > 0:
+            attention = layer.attention
+            dim = model.config.head_dim
+            o_weight = attention.o_proj.weight.detach().float()  # (hidden, H*D)
+            block_norm = o_weight.view(o_weight.shape[0], attention.num_heads, dim).norm(dim=(0, 2))  # (H,)
+            total, count = head_sums.get(f"layers.{i}", (None, 0))
+            scores = block_norm * (total / count) if total is not None and count else block_norm
+            plan.heads[i] = _keep_top(scores, head_ratio)
+    return plan
+
+
+# ---------------------------------------------------------------------- QAT
+def _fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel symmetric int8 fake quantisation (what ONNX Runtime stores)."""
+    scale = (weight.detach().abs().amax(dim=1) / 127.0).clamp_min(1e-12).float()  # (out,)
+    zero = torch.zeros_like(scale, dtype=torch.int32)
+    return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, -127, 127)
+
+
+def _fake_quant_activation(x: torch.Tensor) -> torch.Tensor:
+    """Per-tensor asymmetric uint8 fake quantisation with the batch's own range (dynamic quantisation)."""
+    low = x.detach().min().clamp_max(0.0)
+    high = x.detach().max().clamp_min(0.0)
+    scale = ((high - low) / 255.0).clamp_min(1e-12).float().reshape(1)
+    zero = torch.round(-low / scale).clamp(0, 255).to(torch.int32).reshape(1)
+    return torch.fake_quantize_per_tensor_affine(x, scale, zero, 0, 255)
+
+
+class _FakeQuantWeight(nn.Module):
+    """A `torch.nn.utils.parametrize` parametrization: the weight as int8 would store it (straight-through)."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return _fake_quant_weight(weight)
+
+
+@contextmanager
+def fake_quantized(model: nn.Module) -> Iterator[int]:
+    """Fake-quantise the weights of every Linear/Embedding and the inputs of every Linear of `model`.
+
+    Yields the number of quantised modules; on exit the parametrizations and hooks are removed and the
+    trained fp32 weights stay (the int8 export quantises them the same way).
+    """
+    from torch.nn.utils import parametrize
+
+    modules = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Embedding)]
+    handles = []
+    for module in modules:
+        parametrize.register_parametrization(module, "weight", _FakeQuantWeight())
+        if isinstance(module, nn.Linear):
+            handles.append(
+                module.register_forward_pre_hook(lambda _m, args: (_fake_quant_activation(args[0]),))
+            )
+    try:
+        yield len(modules)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module in modules:
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+
+
+def qat_finetune(
+    model: CoreModel,
+    examples: Sequence[Mapping[str, Any]],
+    steps: int,
+    work_dir: str | Path,
+    learning_rate: float = 1e-4,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Quantisation-aware fine-tuning: `steps` task steps (transformers.Trainer) under `fake_quantized`.
+
+    Args:
+        examples: encoded task examples with targets (the app's training or validation data).
+
+    Returns:
+        The Trainer's metrics.
+
+    Raises:
+        InputValidationError: no examples, or examples without any task target.
+    """
+    from core.train import ExampleDataset, TaskCollator, default_training_args, run_stage
+
+    if steps < 1:
+        raise ConfigError(f"qat_steps: expected an integer >= 1, got {steps!r}")
+    if not examples or not any(k in examples[0] for k in ("labels", "token_labels", "next_labels")):
+        raise InputValidationError("QAT needs encoded examples with task targets (labels / next_labels)")
+    args = default_training_args(
+        work_dir,
+        max_steps=steps,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        seed=seed,
+        warmup_steps=0,
+        lr_scheduler_type="constant",
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+        logging_steps=max(1, steps // 4),
+        bf16=False,
+    )
+    model.train()
+    with fake_quantized(model):
+        metrics = run_stage(model, ExampleDataset(examples), args, TaskCollator())
+    model.eval()
+    return metrics
+
+
+# ---------------------------------------------------------------------- measurement and reports
+def cpu_flags() -> dict[str, Any]:
+    """The CPU model and its int8 features (VNNI, AMX) from /proc/cpuinfo, and the runtime versions."""
+    import onnxruntime
+
+    flags: set[str] = set()
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+    return {
+        "model": name,
+        "logical_cpus": os.cpu_count(),
+        "avx512_vnni": "avx512_vnni" in flags,
+        "avx_vnni": "avx_vnni" in flags,
+        "amx_int8": "amx_int8" in flags,
+        "amx_tile": "amx_tile" in flags,
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def dir_bytes(model_dir: str | Path) -> dict[str, int]:
+    """Bytes of the weight files of a model directory (safetensors and ONNX files present)."""
+    model_dir = Path(model_dir)
+    return {name: (model_dir / name).stat().st_size for name in WEIGHT_FILES if (model_dir / name).is_file()}
+
+
+def _repeat_to(examples: Sequence[Mapping[str, Any]], n: int) -> list[Mapping[str, Any]]:
+    return [examples[i % len(examples)] for i in range(n)]
+
+
+def time_forward(
+    model: Any, examples: Sequence[Mapping[str, Any]], batch_size: int, repeats: int = 5
+) -> float:
+    """Median milliseconds of one inference forward over a batch of `batch_size` examples."""
+    batch = collate(_repeat_to(examples, batch_size))
+    inputs = inference_inputs(batch)
+    times = []
+    with torch.inference_mode():
+        model(**inputs)  # warm-up (ONNX Runtime allocations, torch kernels)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(**inputs)
+            times.append(1000 * (time.perf_counter() - start))
+    return float(np.median(times))
+
+
+def latency_report(
+    parent: CoreModel,
+    artifact: Any,
+    examples: Sequence[Mapping[str, Any]],
+    batch_sizes=(1, 64),
+    repeats: int = 5,
+) -> dict[str, Any]:
+    """Median latency (ms) of the fp32 eager parent and the artifact per batch size, and the speed-up."""
+    report = {}
+    for size in batch_sizes:
+        base = time_forward(parent, examples, size, repeats)
+        mine = time_forward(artifact, examples, size, repeats)
+        report[f"batch_{size}"] = {
+            "parent_fp32_ms": round(base, 3),
+            "artifact_ms": round(mine, 3),
+            "speedup": round(base / mine, 3),
+        }
+    return report
+
+
+def update_report(model_dir: str | Path, **entries: Any) -> dict[str, Any]:
+    """Merge entries into a directory's compression.json (e.g. `metrics=...` from the app's evaluation)."""
+    path = Path(model_dir) / COMPRESSION_FILE
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    report.update(entries)
+    path.write_text(json.dumps(report, indent=2, sort_keys=True))
+    return report
+
+
+def metric_deltas(parent: Mapping[str, Any], artifact: Mapping[str, Any]) -> dict[str, float]:
+    """artifact - parent for every numeric metric both report."""
+    return {
+        k: float(artifact[k]) - float(parent[k])
+        for k in parent
+        if k in artifact and isinstance(parent[k], int | float) and isinstance(artifact[k], int | float)
+    }
+
+
+# ---------------------------------------------------------------------- one call
+@dataclass
+class CompressionOptions:
+    """What `compress` does. Ratios are shares removed; `qat_steps > 0` implies `int8`."""
+
+    domain: str | None = None
+    prune_experts: bool = False
+    expert_threshold: float = 0.0
+    ffn_ratio: float = 0.0
+    head_ratio: float = 0.0
+    int8: bool = False
+    qat_steps: int = 0
+    qat_learning_rate: float = 1e-4
+    explanations: bool = True
+    measure_latency: bool = True
+    latency_repeats: int = 5
+    batch_size: int = 32
+
+    def validate(self) -> None:
+        if not (self.prune_experts or self.ffn_ratio or self.head_ratio or self.int8 or self.qat_steps):
+            raise ConfigError(
+                "compress: nothing to do; give --prune-experts, --prune-ffn R, --prune-heads R, --int8 "
+                "or --qat-steps N"
+            )
+        if self.qat_steps < 0:
+            raise ConfigError(f"qat_steps: expected an integer >= 0, got {self.qat_steps!r}")
+        if not 0.0 <= self.expert_threshold < 1.0:
+            raise ConfigError(f"expert_threshold: expected a share in [0, 1), got {self.expert_threshold!r}")
+
+
+def _copy_app_files(parent: Path, out_dir: Path) -> None:
+    """Everything of the parent directory but its weights and config (vocabularies, labels, prototypes)."""
+    skip = {*WEIGHT_FILES, "config.json", COMPRESSION_FILE, ONNX_META_FILE, "generation_config.json"}
+    for item in parent.iterdir():
+        if item.name in skip:
+            continue
+        target = out_dir / item.name
+        if item.is_dir():
+            shutil.copytree(item, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, target)
+
+
+def _describe_plan(model: CoreModel, plan: PrunePlan) -> dict[str, Any]:
+    layers = []
+    for i, layer in enumerate(model.layers):
+        entry: dict[str, Any] = {"layer": i}
+        if plan.heads[i] is not None:
+            entry["heads_kept"] = plan.heads[i]
+            entry["heads_before"] = layer.attention.num_heads
+        if isinstance(layer.ffn, DomainMoE):
+            if plan.experts[i] is not None:
+                entry["experts_kept"] = plan.experts[i]
+                entry["experts_before"] = layer.ffn.num_experts
+            if plan.expert_units[i] is not None:
+                entry["expert_ffn_width"] = [
+                    _ffn_width(layer.ffn.experts[0]),
+                    len(next(iter(plan.expert_units[i].values()))),
+                ]
+        if plan.shared_units[i] is not None:
+            width = _ffn_width(layer.ffn.shared_experts if isinstance(layer.ffn, DomainMoE) else layer.ffn)
+            entry["shared_or_dense_ffn_width"] = [width, len(plan.shared_units[i])]
+        layers.append(entry)
+    return {"layers": layers}
+
+
+def compress(
+    parent_dir: str | Path,
+    out_dir: str | Path,
+    options: CompressionOptions,
+    calibration: Sequence[Mapping[str, Any]],
+    task_examples: Sequence[Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Prune, fine-tune with fake quantisation, export and quantise a model directory into `out_dir`.
+
+    Args:
+        parent_dir: a model directory written by `core.train.save_checkpoint`.
+        out_dir: the new model directory (app files copied; weights pruned, or ONNX when int8).
+        options: the steps to run.
+        calibration: encoded examples (inputs only needed) for routing statistics, importance, the export
+            sample and latency.
+        task_examples: encoded examples with targets, for QAT.
+
+    Returns:
+        The compression report (also written to `out_dir/compression.json`).
+    """
+    from core.train import load_checkpoint
+
+    options.validate()
+    parent_dir, out_dir = Path(parent_dir), Path(out_dir)
+    if parent_dir.resolve() == out_dir.resolve():
+        raise ConfigError(f"compress: --out must differ from --model ({parent_dir})")
+    parent, _meta = load_checkpoint(parent_dir)
+    if not isinstance(parent, CoreModel):
+        raise ConfigError(f"{parent_dir}: already an ONNX artifact; compress its fp32 parent instead")
+    if options.domain is not None:
+        parent.config.domain_id(options.domain)  # raises on an unknown domain
+    if not calibration:
+        raise InputValidationError("compress: no calibration examples (give data the app can encode)")
+    parent = parent.float().eval()
+    work = _clone(parent)
+    steps: list[dict[str, Any]] = []
+    plan = PrunePlan.identity(work)
+    if options.prune_experts:
+        usage = routing_usage(work, calibration, options.batch_size)
+        plan = plan_expert_pruning(work, usage, options.domain, options.expert_threshold)
+        steps.append(
+            {
+                "step": "prune_experts",
+                "domain": options.domain,
+                "threshold": options.expert_threshold,
+                "usage_share": [u.round(4).tolist() for u in usage],
+            }
+        )
+    if options.ffn_ratio or options.head_ratio:
+        plan = plan_structured_pruning(
+            work, calibration, options.ffn_ratio, options.head_ratio, options.batch_size, plan
+        )
+        steps.append(
+            {"step": "prune_structured", "ffn_ratio": options.ffn_ratio, "head_ratio": options.head_ratio}
+        )
+    pruned_description = _describe_plan(work, plan)
+    if any(x is not None for x in (*plan.heads, *plan.experts, *plan.expert_units, *plan.shared_units)):
+        work = apply_plan(work, plan)
+    if options.qat_steps:
+        if not task_examples:
+            raise InputValidationError("compress: QAT needs task data with labels (--data)")
+        with tempfile.TemporaryDirectory(prefix="verticals-qat-") as qat_work:
+            qat_metrics = qat_finetune(
+                work,
+                task_examples,
+                options.qat_steps,
+                qat_work,
+                options.qat_learning_rate,
+                options.batch_size,
+            )
+        steps.append({"step": "qat", "steps": options.qat_steps, "train_loss": qat_metrics.get("train_loss")})
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    _copy_app_files(parent_dir, out_dir)
+    int8 = options.int8 or options.qat_steps > 0
+    if int8:
+        for moe in work.moe_layers():
+            moe.reset_routing_stats()
+        work.config.save_pretrained(out_dir)
+        export_onnx(work, calibration, out_dir, with_explain=options.explanations)
+        quantize_int8(out_dir)
+        steps.append({"step": "onnx_int8", "explanations": options.explanations})
+    else:
+        work.save_pretrained(out_dir, safe_serialization=True)
+    parent_bytes = dir_bytes(parent_dir).get("model.safetensors", 0)
+    files = dir_bytes(out_dir)
+    inference_bytes = sum(v for k, v in files.items() if k != EXPLAIN_ONNX_FILE)
+    report: dict[str, Any] = {
+        "parent": str(parent_dir.resolve()),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "format": "onnx-int8" if int8 else "safetensors-fp32",
+        "steps": steps,
+        "pruned": pruned_description,
+        "sizes": {
+            "parent_safetensors_bytes": parent_bytes,
+            "artifact_files_bytes": files,
+            "artifact_bytes": inference_bytes,
+            "artifact_bytes_with_explanations": sum(files.values()),
+            "size_ratio": round(inference_bytes / parent_bytes, 4) if parent_bytes else None,
+        },
+        "parameters": {"parent": _count(parent), "artifact": _count(work)},
+        "cpu": cpu_flags(),
+    }
+    if options.measure_latency:
+        artifact, _ = load_checkpoint(out_dir)
+        report["latency"] = latency_report(parent, artifact, calibration, repeats=options.latency_repeats)
+    (out_dir / COMPRESSION_FILE).write_text(json.dumps(report, indent=2, sort_keys=True))
+    return report
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _clone(model: CoreModel) -> CoreModel:
+    clone = CoreModel(
+        CoreConfig(
+            **{
+                k: v
+                for k, v in model.config.to_dict().items()
+                if k not in ("architectures", "transformers_version", "model_type")
+            }
+        )
+    )
+    clone.load_state_dict(model.state_dict())
+    return clone.float().eval()
+
+
+__all__ = [
+    "COMPRESSION_FILE",
+    "ONNX_FILE",
+    "CompressionOptions",
+    "PrunePlan",
+    "apply_plan",
+    "compress",
+    "cpu_flags",
+    "export_onnx",
+    "fake_quantized",
+    "flat_inputs",
+    "metric_deltas",
+    "plan_expert_pruning",
+    "plan_structured_pruning",
+    "qat_finetune",
+    "quantize_int8",
+    "routing_usage",
+    "update_report",
+]

@@ -1,0 +1,297 @@
+"""core.compress: expert/structured pruning on tiny models, ONNX export round trip, int8, QAT, reports.
+
+Tolerances: pruning that removes only unused experts / zero-importance units changes outputs by < 1e-5;
+the fp32 ONNX graph matches eager PyTorch to 1e-4; int8 logits stay within 0.05 of fp32 on the tiny model
+(weights ~N(0, 0.02), so this is ~10x the observed error).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.compress import (
+    COMPRESSION_FILE,
+    CompressionOptions,
+    apply_plan,
+    compress,
+    export_onnx,
+    fake_quantized,
+    plan_expert_pruning,
+    plan_structured_pruning,
+    quantize_int8,
+    routing_usage,
+)
+from core.config import CoreConfig
+from core.data import collate
+from core.errors import ConfigError, InputValidationError
+from core.model import CoreModel
+from core.onnx_model import OnnxCoreModel
+from core.train import load_checkpoint, save_checkpoint
+
+
+def small_config(**overrides) -> CoreConfig:
+    values = dict(
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        ffn_size=16,
+        block_size=4,
+        dense_below=64,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        moe_top_k=2,
+        domains=("a", "b"),
+        categorical_fields={"item": 12},
+        numeric_fields=["amount"],
+        use_time_delta=True,
+        num_labels=2,
+        causal=True,
+    )
+    values.update(overrides)
+    return CoreConfig(**values)
+
+
+def make_examples(rng: np.random.Generator, n: int, domain: int | None = None) -> list[dict]:
+    examples = []
+    for length in rng.integers(3, 10, n):
+        examples.append(
+            {
+                "categorical": {"item": rng.integers(1, 12, length)},
+                "numeric": rng.normal(size=(length, 1)).astype(np.float32),
+                "numeric_mask": rng.random((length, 1)) > 0.2,
+                "time_delta": rng.random(length).astype(np.float32) * 100,
+                "domain_ids": np.full(length, domain) if domain is not None else rng.integers(0, 2, length),
+                "token_labels": rng.integers(0, 2, length),
+            }
+        )
+    return examples
+
+
+def domain_biased_model(config: CoreConfig) -> CoreModel:
+    """A model whose domain prior sends domain "a" to experts 0/1 only and domain "b" to 2/3 only."""
+    model = CoreModel(config).eval()
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            moe.domain_prior.weight.copy_(
+                torch.tensor([[20.0, 20.0, -20.0, -20.0], [-20.0, -20.0, 20.0, 20.0]])
+            )
+    return model
+
+
+def test_expert_pruning_keeps_the_domains_experts_and_its_outputs(rng):
+    model = domain_biased_model(small_config())
+    examples = make_examples(rng, 12, domain=0)
+    usage = routing_usage(model, examples)
+    plan = plan_expert_pruning(model, usage, domain="a")
+    assert plan.experts == [[0, 1], [0, 1]]
+    pruned = apply_plan(model, plan)
+    for moe in pruned.moe_layers():
+        assert moe.num_experts == 2
+        assert moe.router.weight.shape == (2, 32)
+        assert moe.domain_prior.weight.shape == (2, 2)
+        assert moe.expert_bias.shape == (2,) and len(moe.experts) == 2
+    assert pruned.config.layer_routed_experts == [2, 2]
+    batch = collate(examples)
+    with torch.no_grad():
+        before = model(**batch.to_dict()).token_logits
+        after = pruned(**batch.to_dict()).token_logits
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+def test_pruned_routing_never_picks_a_removed_expert(rng):
+    model = domain_biased_model(small_config())
+    plan = plan_expert_pruning(model, routing_usage(model, make_examples(rng, 8, domain=0)), domain="a")
+    pruned = apply_plan(model, plan)
+    # Tokens of domain "b" used only the removed experts: they are re-routed to the kept ones.
+    batch = collate(make_examples(rng, 8, domain=1))
+    with torch.no_grad():
+        out = pruned(**batch.to_dict())
+    for moe, logits in zip(pruned.moe_layers(), out.router_logits, strict=True):
+        assert logits.shape[-1] == moe.num_experts == 2
+        topk_idx, topk_weight, _, _ = moe.route(torch.randn(20, 32), torch.ones(20, dtype=torch.long))
+        assert int(topk_idx.max()) < moe.num_experts
+        torch.testing.assert_close(topk_weight.sum(-1), torch.ones(20))
+    assert torch.isfinite(out.token_logits).all()
+
+
+def test_expert_pruning_keeps_top_k_experts_even_when_fewer_are_used(rng):
+    config = small_config()
+    model = domain_biased_model(config)
+    usage = [np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])] * 2
+    plan = plan_expert_pruning(model, usage, domain="a")
+    assert all(len(kept) == config.moe_top_k for kept in plan.experts)
+    with pytest.raises(ConfigError, match="no routed token"):
+        plan_expert_pruning(model, usage, domain="b")
+    with pytest.raises(ConfigError, match="unknown domain"):
+        plan_expert_pruning(model, usage, domain="zzz")
+
+
+def test_ffn_pruning_removes_dead_units_without_changing_outputs(rng):
+    model = CoreModel(small_config()).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if module.__class__.__name__ == "SwiGLU":
+                module.w2.weight[:, ::2] = 0.0  # half the units contribute nothing
+    examples = make_examples(rng, 8)
+    plan = plan_structured_pruning(model, examples, ffn_ratio=0.5)
+    pruned = apply_plan(model, plan)
+    moe = pruned.moe_layers()[0]
+    assert moe.experts[0].w1.weight.shape == (8, 32) and moe.experts[0].w2.weight.shape == (32, 8)
+    assert moe.shared_experts.w1.weight.shape == (8, 32)
+    assert pruned.config.layer_ffn_sizes == [8, 8] and pruned.config.layer_shared_ffn_sizes == [8, 8]
+    batch = collate(examples)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            pruned(**batch.to_dict()).logits, model(**batch.to_dict()).logits, atol=1e-5, rtol=1e-5
+        )
+
+
+def test_head_pruning_shrinks_projections_and_round_trips(tmp_path, rng):
+    model = CoreModel(small_config(use_moe=False)).eval()
+    with torch.no_grad():
+        model.layers[0].attention.o_proj.weight[:, 8:16] = 0.0  # head 1 of layer 0 is dead
+    plan = plan_structured_pruning(model, make_examples(rng, 6), ffn_ratio=0.25, head_ratio=0.25)
+    assert plan.heads[0] == [0, 2, 3]
+    pruned = apply_plan(model, plan)
+    attention = pruned.layers[0].attention
+    assert attention.q_proj.weight.shape == (24, 32) and attention.o_proj.weight.shape == (32, 24)
+    assert attention.gating_factor.shape == (3, 8, 8) and attention.gate_proj.weight.shape == (3, 32)
+    assert pruned.layers[0].ffn.w1.weight.shape == (96, 32)  # dense FFN 128 -> 96 units
+    save_checkpoint(pruned, tmp_path / "pruned", {"app": "test"})
+    loaded, _ = load_checkpoint(tmp_path / "pruned")
+    batch = collate(make_examples(rng, 4))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch.to_dict()).logits, pruned(**batch.to_dict()).logits)
+
+
+def test_pruned_layer_sizes_are_validated():
+    with pytest.raises(ConfigError, match="layer_routed_experts"):
+        small_config(layer_routed_experts=[1, 4])  # below moe_top_k
+    with pytest.raises(ConfigError, match="layer_num_heads"):
+        small_config(layer_num_heads=[4])  # one entry per layer
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[CoreModel, Path, Path, list[dict]]:
+    """A tiny MoE model exported once to fp32 ONNX, and a copy quantised to int8."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(1)
+    model = CoreModel(small_config(num_layers=1, dense_tail_layers=1)).eval()
+    examples = make_examples(rng, 10)
+    fp32_dir = tmp_path_factory.mktemp("onnx") / "fp32"
+    export_onnx(model, examples, fp32_dir, with_explain=True)
+    int8_dir = fp32_dir.parent / "int8"
+    shutil.copytree(fp32_dir, int8_dir)
+    quantize_int8(int8_dir)
+    return model, fp32_dir, int8_dir, examples
+
+
+@pytest.mark.slow  # ONNX export (shared fixture) or a full compress run
+def test_onnx_round_trip_matches_eager_with_dynamic_batch_and_length(exported, rng):
+    model, fp32_dir, _, _ = exported
+    onnx_model = OnnxCoreModel(fp32_dir)
+    for batch_size in (1, 7):
+        batch = collate(make_examples(rng, batch_size))
+        with torch.no_grad():
+            expected = model(**batch.to_dict(), output_attentions=True)
+        got = onnx_model(**batch.to_dict(), output_attentions=True)
+        torch.testing.assert_close(got.hidden_states, expected.hidden_states, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            got.attentions[0].attention_weights,
+            expected.attentions[0].attention_weights,
+            atol=1e-4,
+            rtol=1e-4,
+        )
+        hidden = got.hidden_states
+        torch.testing.assert_close(
+            onnx_model.classifier(hidden), model.classifier(hidden), atol=1e-4, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            onnx_model.classifier(hidden[:, 0]), model.classifier(hidden[:, 0]), atol=1e-4, rtol=1e-4
+        )
+
+
+@pytest.mark.slow  # ONNX export (shared fixture) or a full compress run
+def test_int8_graph_is_quantised_and_close_to_fp32(exported, rng):
+    import onnx
+
+    model, fp32_dir, int8_dir, _ = exported
+    ops = {node.op_type for node in onnx.load(str(int8_dir / "model.onnx")).graph.node}
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    assert (int8_dir / "model.onnx").stat().st_size < (fp32_dir / "model.onnx").stat().st_size
+    batch = collate(make_examples(rng, 16))
+    with torch.no_grad():
+        expected = model(**batch.to_dict()).logits
+    got = OnnxCoreModel(int8_dir)(**batch.to_dict()).logits
+    assert (got - expected).abs().max() < 0.05
+
+
+@pytest.mark.slow  # ONNX export (shared fixture) or a full compress run
+def test_onnx_model_checks_inputs_like_the_eager_model(exported, rng):
+    _, fp32_dir, _, _ = exported
+    onnx_model = OnnxCoreModel(fp32_dir)
+    batch = collate(make_examples(rng, 2))
+    batch.categorical["item"][0, 0] = 99
+    with pytest.raises(InputValidationError, match="outside"):
+        onnx_model(**batch.to_dict())
+    batch = collate(make_examples(rng, 2))
+    with pytest.raises(InputValidationError, match="not inputs of the exported graph"):
+        onnx_model(**batch.to_dict(), volume=torch.zeros(2, 1, 4, 16, 16))
+    with pytest.raises(ConfigError, match="CPU only"):
+        onnx_model.to("cuda")
+
+
+def test_fake_quantized_trains_and_leaves_plain_modules(rng):
+    from torch.nn.utils import parametrize
+
+    model = CoreModel(small_config(num_layers=1)).train()
+    batch = collate(make_examples(rng, 8))
+    before = model.classifier.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with fake_quantized(model) as n_modules:
+        assert n_modules > 0 and parametrize.is_parametrized(model.classifier)
+        loss = model(**batch.to_dict()).loss
+        loss.backward()
+        optimizer.step()
+    assert not parametrize.is_parametrized(model.classifier)
+    assert not torch.equal(model.classifier.weight, before)
+    assert torch.isfinite(model.classifier.weight).all()
+
+
+@pytest.mark.slow  # ONNX export (shared fixture) or a full compress run
+def test_compress_writes_a_consistent_report_and_a_loadable_artifact(tmp_path, rng):
+    model = domain_biased_model(small_config(num_layers=1))
+    parent = save_checkpoint(model, tmp_path / "parent", {"app": "test", "vocab": [1, 2]})
+    (parent / "labels.txt").write_text("kept")
+    examples = make_examples(rng, 16, domain=0)
+    options = CompressionOptions(
+        domain="a", prune_experts=True, ffn_ratio=0.25, int8=True, explanations=False, latency_repeats=2
+    )
+    report = compress(parent, tmp_path / "out", options, examples)
+    out = tmp_path / "out"
+    assert json.loads((out / COMPRESSION_FILE).read_text()) == json.loads(json.dumps(report))
+    assert (out / "labels.txt").read_text() == "kept" and not (out / "model.safetensors").exists()
+    sizes = report["sizes"]
+    assert sizes["parent_safetensors_bytes"] == (parent / "model.safetensors").stat().st_size
+    on_disk = {name: (out / name).stat().st_size for name in sizes["artifact_files_bytes"]}
+    assert on_disk == sizes["artifact_files_bytes"] and "model.onnx" in on_disk
+    assert sizes["size_ratio"] == pytest.approx(
+        sizes["artifact_bytes"] / sizes["parent_safetensors_bytes"], 1e-3
+    )
+    assert report["pruned"]["layers"][0]["experts_kept"] == [0, 1]
+    assert report["parameters"]["artifact"] < report["parameters"]["parent"]
+    assert set(report["latency"]) == {"batch_1", "batch_64"}
+    assert isinstance(report["cpu"]["avx512_vnni"], bool) and report["cpu"]["onnxruntime"]
+    loaded, meta = load_checkpoint(out)
+    assert isinstance(loaded, OnnxCoreModel) and meta["vocab"] == [1, 2]
+    with pytest.raises(ConfigError, match="without its explanation graph"):
+        loaded(**collate(examples[:2]).to_dict(), output_attentions=True)
+    with pytest.raises(ConfigError, match="nothing to do"):
+        compress(parent, tmp_path / "again", CompressionOptions(), examples)
