@@ -8,14 +8,18 @@ Sections (one run, side by side; figures are measured here, nothing is copied fr
    (amount, weekend, night, customer count/mean amount over 1/7/30 days, terminal count/risk over
    1/7/30 days with the 7-day delay). Ours: FraudDetector (trained on the same 7 days, with the
    preceding weeks as unlabelled-for-training context). AP mean and spread over seeds.
+   `handbook_validation` is the same protocol two weeks earlier (train from 2018-07-11, test 07-25..07-31,
+   all before the test period): settings (features, epochs, loss) are chosen there, never on the test.
 2. generator: our synthetic generator, train on the earlier weeks, test on the later ones; same two models.
 3. throughput: `service.score` end to end (read CSV, validate, encode, model, write Parquet), one thread.
 4. realtime: `RealtimeScorer` latency over 10,000 replayed transactions, one thread (p50, p99).
 
-Writes bench/results/finance_bench.json and .md.
+Writes bench/results/finance_bench.json and .md; a run replaces only the sections it ran and each section
+records where, when and under what load it ran.
 
 Usage:
-    .venv/bin/python bench/finance_bench.py                 # everything (several minutes on a CPU)
+    .venv/bin/python bench/finance_bench.py                 # everything (tens of minutes on a CPU)
+    .venv/bin/python bench/finance_bench.py --sections handbook generator --jobs 3   # seeds in parallel
     .venv/bin/python bench/finance_bench.py --seeds 1 --sections throughput realtime
 """
 
@@ -46,6 +50,10 @@ from apps.finance.synthetic import generate, write  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 HANDBOOK = ROOT.parent / "shared" / "data" / "finance" / "fraud-handbook-simulated"
 DAY = pd.Timedelta(days=1)
+HANDBOOK_TEST_START = "2018-07-25"
+"""The handbook's training week (test two weeks later): the reported figures."""
+HANDBOOK_VALIDATION_START = "2018-07-11"
+"""Two weeks earlier: its test week is the reported training week, so settings are chosen before any test day."""
 FEATURES = [
     "amount",
     "weekend",
@@ -119,8 +127,12 @@ def sequence_ap(
     history_mask: np.ndarray,
     seed: int,
     params: dict,
-) -> tuple[float, float, dict]:
-    """Train FraudDetector on train rows (history rows as context), score every row from the test start on."""
+    return_scores: bool = False,
+) -> tuple:
+    """Train FraudDetector on train rows (history rows as context), score every row from the test start on.
+
+    Returns (AP, seconds, training metrics), plus the test rows' scores when `return_scores`.
+    """
     from sklearn.metrics import average_precision_score
 
     started = time.perf_counter()
@@ -133,19 +145,30 @@ def sequence_ap(
     scored = ((df["timestamp"] >= test_start) & (df["timestamp"] <= test_stop)).to_numpy()
     context = ((df["timestamp"] < test_start) & (df["timestamp"] >= test_start - 40 * DAY)).to_numpy()
     scores = pd.Series(detector.predict_proba(df[scored], history=df[context]), index=df.index[scored])
-    ap = float(average_precision_score(df.loc[test_mask, "is_fraud"], scores.loc[df.index[test_mask]]))
+    test_scores = scores.loc[df.index[test_mask]].to_numpy()
+    ap = float(average_precision_score(df.loc[test_mask, "is_fraud"], test_scores))
+    if return_scores:
+        return ap, time.perf_counter() - started, detector.training_metrics_, test_scores
     return ap, time.perf_counter() - started, detector.training_metrics_
 
 
 # ---------------------------------------------------------------------- sections
-def handbook_section(seeds: int, params: dict) -> dict:
+def handbook_frame() -> pd.DataFrame | None:
+    """The handbook's June-August transactions in canonical form, time-sorted (None when absent)."""
     files = [HANDBOOK / f"transactions_2018-{m:02d}.csv.gz" for m in (6, 7, 8)]
     if not all(f.is_file() for f in files):
-        return {"skipped": f"handbook data not found under {HANDBOOK}"}
+        return None
     frames = [validate(read_source(f, format="handbook"))[0] for f in files]
     df = pd.concat(frames).reset_index(drop=True)
-    df = df.sort_values("timestamp", kind="stable").reset_index(drop=True)
-    start = pd.Timestamp("2018-07-25", tz="UTC")
+    return df.sort_values("timestamp", kind="stable").reset_index(drop=True)
+
+
+def handbook_masks(df: pd.DataFrame, start: pd.Timestamp) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, test, history) row masks of the handbook protocol for a training week starting at `start`.
+
+    Train [start, start+7d), test [start+14d, start+21d) without known-compromised cards, history the 28 days
+    before `start` (context and delayed labels only).
+    """
     train_end = start + 7 * DAY
     train_mask = ((df["timestamp"] >= start) & (df["timestamp"] < train_end)).to_numpy()
     # The handbook's protocol: cards with a fraud in the training week, or in the delay period up to each
@@ -159,58 +182,104 @@ def handbook_section(seeds: int, params: dict) -> dict:
         today = day_index == 14 + day
         test_mask |= today & ~df["account_id"].isin(known).to_numpy()
     history_mask = ((df["timestamp"] >= start - 28 * DAY) & (df["timestamp"] < start)).to_numpy()
+    return train_mask, test_mask, history_mask
+
+
+def _environment(threads_per_process: int, jobs: int = 1) -> dict:
+    """Where and under what load a section ran (timings are only as clean as the machine was idle)."""
+    return {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs",
+        "torch": torch.__version__,
+        "threads_per_process": threads_per_process,
+        "processes": jobs,
+        "started_at": pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def _one_sequence_run(seed: int, data: tuple) -> tuple[float, float]:
+    """One seed of `sequence_ap` in a worker process (one torch thread)."""
+    torch.set_num_threads(1)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    df, train_mask, test_mask, history_mask, params = data
+    ap, seconds, _ = sequence_ap(df, train_mask, test_mask, history_mask, seed, params)
+    return ap, seconds
+
+
+def _sequence_runs(
+    df: pd.DataFrame,
+    train_mask: np.ndarray,
+    test_mask: np.ndarray,
+    history_mask: np.ndarray,
+    seeds: int,
+    params: dict,
+    jobs: int,
+) -> list[tuple[float, float]]:
+    """(AP, seconds) per seed; with jobs > 1 the seeds train in parallel processes of one thread each."""
+    data = (df, train_mask, test_mask, history_mask, params)
+    if jobs <= 1:
+        return [_one_sequence_run(seed, data) for seed in range(seeds)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(jobs, seeds), mp_context=context) as pool:
+        return list(pool.map(_one_sequence_run, range(seeds), [data] * seeds))
+
+
+def _compare(
+    df: pd.DataFrame,
+    train_mask: np.ndarray,
+    test_mask: np.ndarray,
+    history_mask: np.ndarray,
+    seeds: int,
+    params: dict,
+    jobs: int,
+    name: str,
+) -> dict:
     labels = df["is_fraud"].to_numpy()
     features = aggregate_features(df)
     result: dict = {
+        "environment": _environment(1, jobs),
+        "params": params,
         "train_rows": int(train_mask.sum()),
         "train_frauds": int(labels[train_mask].sum()),
         "test_rows": int(test_mask.sum()),
         "test_frauds": int(labels[test_mask].sum()),
-        "boosting_ap": [],
-        "sequence_ap": [],
-        "boosting_seconds": [],
-        "sequence_seconds": [],
     }
-    for seed in range(seeds):
-        ap, seconds = boosting_ap(features, train_mask, test_mask, labels, seed)
-        result["boosting_ap"].append(round(ap, 4))
-        result["boosting_seconds"].append(round(seconds, 1))
-        ap, seconds, _ = sequence_ap(df, train_mask, test_mask, history_mask, seed, params)
-        result["sequence_ap"].append(round(ap, 4))
-        result["sequence_seconds"].append(round(seconds, 1))
-        print(
-            f"handbook seed {seed}: boosting AP {result['boosting_ap'][-1]}, sequence AP {ap:.4f}", flush=True
-        )
+    boosting = [boosting_ap(features, train_mask, test_mask, labels, seed) for seed in range(seeds)]
+    sequence = _sequence_runs(df, train_mask, test_mask, history_mask, seeds, params, jobs)
+    result["boosting_ap"] = [round(ap, 4) for ap, _ in boosting]
+    result["boosting_seconds"] = [round(s, 1) for _, s in boosting]
+    result["sequence_ap"] = [round(ap, 4) for ap, _ in sequence]
+    result["sequence_seconds"] = [round(s, 1) for _, s in sequence]
+    result["environment"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    print(f"{name}: boosting AP {result['boosting_ap']}, sequence AP {result['sequence_ap']}", flush=True)
     return result
 
 
-def generator_section(seeds: int, params: dict, accounts: int, days: int, test_days: int) -> dict:
+def handbook_section(seeds: int, params: dict, start: str = HANDBOOK_TEST_START, jobs: int = 1) -> dict:
+    """Both models on the handbook split whose training week starts at `start` (AP per seed)."""
+    df = handbook_frame()
+    if df is None:
+        return {"skipped": f"handbook data not found under {HANDBOOK}"}
+    train_mask, test_mask, history_mask = handbook_masks(df, pd.Timestamp(start, tz="UTC"))
+    result = _compare(df, train_mask, test_mask, history_mask, seeds, params, jobs, f"handbook {start}")
+    return {"train_start": start, **result}
+
+
+def generator_section(
+    seeds: int, params: dict, accounts: int, days: int, test_days: int, jobs: int = 1
+) -> dict:
     df = generate(accounts, days, seed=11).drop(columns="scenario").reset_index(drop=True)
     test_start = df["timestamp"].min().normalize() + (days - test_days) * DAY
     train_mask = (df["timestamp"] < test_start).to_numpy()
-    test_mask = ~train_mask
-    labels = df["is_fraud"].to_numpy()
-    features = aggregate_features(df)
-    result: dict = {
-        "accounts": accounts,
-        "days": days,
-        "train_rows": int(train_mask.sum()),
-        "train_frauds": int(labels[train_mask].sum()),
-        "test_rows": int(test_mask.sum()),
-        "test_frauds": int(labels[test_mask].sum()),
-        "boosting_ap": [],
-        "sequence_ap": [],
-    }
-    for seed in range(seeds):
-        ap, _ = boosting_ap(features, train_mask, test_mask, labels, seed)
-        result["boosting_ap"].append(round(ap, 4))
-        ap, _, _ = sequence_ap(df, train_mask, test_mask, np.zeros(len(df), bool), seed, params)
-        result["sequence_ap"].append(round(ap, 4))
-        print(
-            f"generator seed {seed}: boosting AP {result['boosting_ap'][-1]}, sequence AP {ap:.4f}",
-            flush=True,
-        )
-    return result
+    history_mask = np.zeros(len(df), bool)
+    result = _compare(df, train_mask, ~train_mask, history_mask, seeds, params, jobs, "generator")
+    return {"accounts": accounts, "days": days, **result}
 
 
 def _demo_model(work: Path, params: dict) -> tuple[Path, pd.DataFrame]:
@@ -223,37 +292,90 @@ def _demo_model(work: Path, params: dict) -> tuple[Path, pd.DataFrame]:
 
 
 def throughput_section(work: Path, model_dir: Path, accounts: int, days: int) -> dict:
+    """`service.score` end to end with each backend (the ONNX export is made before the clock starts)."""
     df = generate(accounts, days, seed=31)
     source = write(df, work / "throughput.csv")
-    started = time.perf_counter()
-    report = service.score(model_dir, source, work / "scores.parquet", 100_000, progress=False)
-    seconds = time.perf_counter() - started
-    return {
-        "rows": report.rows,
-        "seconds": round(seconds, 2),
-        "rows_per_second": round(report.rows / seconds, 0),
-        "chunk_size": 100_000,
-        "target_rows_per_second": 10_000,
-    }
+    FraudDetector.load(model_dir, backend="onnx")  # one-time export into <model_dir>/onnx
+    result: dict = {"rows": len(df), "chunk_size": 100_000, "target_rows_per_second": 10_000, "backends": {}}
+    for backend in ("torch", "onnx"):
+        environment = _environment(torch.get_num_threads())
+        started, cpu_started = time.perf_counter(), time.process_time()
+        report = service.score(
+            model_dir, source, work / f"scores-{backend}.parquet", 100_000, progress=False, backend=backend
+        )
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+        environment["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        result["backends"][backend] = {
+            "environment": environment,
+            "rows": report.rows,
+            "seconds": round(seconds, 2),
+            "rows_per_second": round(report.rows / seconds, 0),
+            # CPU time of this process: what the wall time would be on an idle core (load-independent).
+            "cpu_seconds": round(cpu_seconds, 2),
+            "rows_per_cpu_second": round(report.rows / cpu_seconds, 0),
+        }
+    torch_scores = pd.read_parquet(work / "scores-torch.parquet")["score"].to_numpy()
+    onnx_scores = pd.read_parquet(work / "scores-onnx.parquet")["score"].to_numpy()
+    result["max_score_difference"] = float(np.abs(torch_scores - onnx_scores).max())
+    return result
 
 
 def realtime_section(model_dir: Path, df: pd.DataFrame, n: int) -> dict:
-    detector = FraudDetector.load(model_dir)
+    """`RealtimeScorer` latency per backend; the warmed state is frozen out of the garbage collector."""
+    import gc
+
     cut = df["timestamp"].min().normalize() + 28 * DAY
-    scorer = service.RealtimeScorer(detector, history=df[df["timestamp"] < cut])
     records = df[df["timestamp"] >= cut].drop(columns="scenario").to_dict("records")[:n]
+    result: dict = {"transactions": len(records), "target_p99_ms": 10.0, "backends": {}}
+    for backend in ("torch", "onnx"):
+        detector = FraudDetector.load(model_dir, backend=backend)
+        scorer = service.RealtimeScorer(detector, history=df[df["timestamp"] < cut])
+        gc.collect()
+        gc.freeze()  # what a service does after warm-up: the long-lived state is never scanned again
+        environment = _environment(torch.get_num_threads())
+        latencies, cpu = [], []
+        for record in records:
+            started, cpu_started = time.perf_counter(), time.thread_time()
+            scorer.score(record)
+            latencies.append(1000 * (time.perf_counter() - started))
+            cpu.append(1000 * (time.thread_time() - cpu_started))
+        gc.unfreeze()
+        environment["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        values = np.array(latencies)
+        result["backends"][backend] = {
+            "environment": environment,
+            "p50_ms": round(float(np.percentile(values, 50)), 3),
+            "p99_ms": round(float(np.percentile(values, 99)), 3),
+            "max_ms": round(float(values.max()), 3),
+            # CPU time of the scoring thread per transaction: the latency on an idle core (load-independent).
+            "cpu_p50_ms": round(float(np.percentile(cpu, 50)), 3),
+            "cpu_p99_ms": round(float(np.percentile(cpu, 99)), 3),
+        }
+    return result
+
+
+def explain_section(model_dir: Path, df: pd.DataFrame, n: int) -> dict:
+    """Latency of `FraudDetector.explain` for the `n` highest-scoring transactions after the training cut."""
+    cut = df["timestamp"].min().normalize() + 28 * DAY
+    detector = FraudDetector.load(model_dir)
+    scored = df.assign(score=detector.predict_proba(df)).loc[lambda d: d["timestamp"] >= cut]
+    targets = scored.nlargest(n, "score")["transaction_id"].tolist()
+    detector.explain(df, targets[0])  # warm-up
+    environment = _environment(torch.get_num_threads())
     latencies = []
-    for record in records:
+    for target in targets:
         started = time.perf_counter()
-        scorer.score(record)
+        detector.explain(df, target)
         latencies.append(1000 * (time.perf_counter() - started))
+    environment["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     values = np.array(latencies)
     return {
-        "transactions": len(values),
-        "p50_ms": round(float(np.percentile(values, 50)), 3),
-        "p99_ms": round(float(np.percentile(values, 99)), 3),
-        "max_ms": round(float(values.max()), 3),
-        "target_p99_ms": 10.0,
+        "environment": environment,
+        "alerts": len(targets),
+        "p50_ms": round(float(np.percentile(values, 50)), 1),
+        "p95_ms": round(float(np.percentile(values, 95)), 1),
+        "max_ms": round(float(values.max()), 1),
+        "target_ms": 200.0,
     }
 
 
@@ -261,25 +383,43 @@ def _summary(values: list[float]) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values):.4f} (n={len(values)})" if values else "-"
 
 
+def _where(section: dict) -> str:
+    env = section.get("environment")
+    if not env:
+        return ""
+    return (
+        f"_measured {env['started_at']} on {env['machine']}, torch {env['torch']}, "
+        f"{env['processes']} process(es) x {env['threads_per_process']} thread(s); load average (1, 5, 15 min) "
+        f"{env['load_average_at_start']} at start, {env.get('load_average_at_end')} at end_"
+    )
+
+
 def markdown(results: dict) -> str:
     lines = [
         "# Finance benchmark",
         "",
-        f"load average (1, 5, 15 min) at start {results.get('load_average_at_start')}, "
-        f"at end {results.get('load_average_at_end')}: timings are only as clean as the machine was idle",
-        "",
-        f"{results['machine']}; torch threads {results['threads']}; model {results['params']}",
+        "Each section says where and under what load it ran; sections run at different times are merged into",
+        "this file by `bench/finance_bench.py` (a run replaces only the sections it ran).",
         "",
     ]
-    for name in ("handbook", "generator"):
+    titles = {
+        "handbook": "handbook (test: training week from {start}, the handbook's protocol)",
+        "handbook_validation": "handbook validation fold (training week from {start}; used to choose settings)",
+        "generator": "generator",
+    }
+    for name, title in titles.items():
         section = results.get(name)
         if not section:
             continue
-        lines += [f"## {name}", ""]
+        lines += [f"## {title.format(start=section.get('train_start', ''))}", ""]
         if "skipped" in section:
             lines += [section["skipped"], ""]
             continue
         lines += [
+            _where(section),
+            "",
+            f"model {section.get('params')}",
+            "",
             f"train {section['train_rows']:,} rows ({section['train_frauds']} frauds), "
             f"test {section['test_rows']:,} rows ({section['test_frauds']} frauds)",
             "",
@@ -291,21 +431,45 @@ def markdown(results: dict) -> str:
         ]
     if "throughput" in results:
         t = results["throughput"]
-        lines += [
-            "## batch scoring (one thread, CSV in, Parquet out)",
-            "",
-            f"{t['rows']:,} rows in {t['seconds']} s: **{t['rows_per_second']:,.0f} rows/s** (target {t['target_rows_per_second']:,})",
-            "",
-        ]
+        lines += ["## batch scoring (one thread, CSV in, Parquet out)", ""]
+        for backend, b in t.get("backends", {}).items():
+            lines += [
+                _where(b),
+                "",
+                f"{backend}: {b['rows']:,} rows in {b['seconds']} s: **{b['rows_per_second']:,.0f} rows/s** "
+                f"wall clock; {b.get('cpu_seconds')} s of CPU: **{b.get('rows_per_cpu_second', 0):,.0f} rows per "
+                f"CPU second** (target {t['target_rows_per_second']:,})",
+                "",
+            ]
+        if "max_score_difference" in t:
+            lines += [f"largest score difference onnx vs torch: {t['max_score_difference']:.2e}", ""]
     if "realtime" in results:
         r = results["realtime"]
+        lines += ["## real-time scoring (one thread)", ""]
+        for backend, b in r.get("backends", {}).items():
+            lines += [
+                _where(b),
+                "",
+                f"{backend}: {r['transactions']:,} transactions: wall clock p50 **{b['p50_ms']} ms**, p99 "
+                f"**{b['p99_ms']} ms**, max {b['max_ms']} ms; CPU time p50 **{b.get('cpu_p50_ms')} ms**, p99 "
+                f"**{b.get('cpu_p99_ms')} ms** (target p99 {r['target_p99_ms']} ms)",
+                "",
+            ]
+    if "explain" in results:
+        e = results["explain"]
         lines += [
-            "## real-time scoring (one thread)",
+            "## explanation of one alert (one thread)",
             "",
-            f"{r['transactions']:,} transactions: p50 **{r['p50_ms']} ms**, p99 **{r['p99_ms']} ms**, max {r['max_ms']} ms (target p99 {r['target_p99_ms']} ms)",
+            _where(e),
+            "",
+            f"{e['alerts']} highest-scoring transactions: p50 **{e['p50_ms']} ms**, p95 **{e['p95_ms']} ms**, "
+            f"max {e['max_ms']} ms (target {e['target_ms']:.0f} ms)",
             "",
         ]
     return "\n".join(lines)
+
+
+SECTIONS = ("handbook", "handbook_validation", "generator", "throughput", "realtime", "explain")
 
 
 def main() -> None:
@@ -313,33 +477,42 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--sections", nargs="+", default=["handbook", "generator", "throughput", "realtime"])
-    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument(
+        "--sections", nargs="+", choices=SECTIONS, default=["handbook", "generator", "throughput", "realtime"]
+    )
+    parser.add_argument("--epochs", type=float, default=5.0)
     parser.add_argument("--pretrain-epochs", type=float, default=0.25)
+    parser.add_argument("--jobs", type=int, default=1, help="seeds trained in parallel (one thread each)")
     parser.add_argument("--generator-accounts", type=int, default=600)
     parser.add_argument("--throughput-accounts", type=int, default=3000)
     parser.add_argument("--realtime-transactions", type=int, default=10_000)
     parser.add_argument("--name", default="finance_bench")
+    parser.add_argument(
+        "--fresh", action="store_true", help="do not keep sections of an earlier results file"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     params = dict(epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, batch_size=64, learning_rate=2e-3)
-    results: dict = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread",
-        "threads": torch.get_num_threads(),
-        "params": params,
-        "seeds": args.seeds,
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
+    path = RESULTS / f"{args.name}.json"
+    results: dict = {}
+    if path.is_file() and not args.fresh:
+        results = {k: v for k, v in json.loads(path.read_text()).items() if k in SECTIONS}
     if "handbook" in args.sections:
-        results["handbook"] = handbook_section(args.seeds, params)
+        results["handbook"] = handbook_section(args.seeds, params, HANDBOOK_TEST_START, args.jobs)
+    if "handbook_validation" in args.sections:
+        results["handbook_validation"] = handbook_section(
+            args.seeds, params, HANDBOOK_VALIDATION_START, args.jobs
+        )
     if "generator" in args.sections:
-        results["generator"] = generator_section(args.seeds, params, args.generator_accounts, 42, 14)
+        results["generator"] = generator_section(
+            args.seeds, params, args.generator_accounts, 42, 14, args.jobs
+        )
     with tempfile.TemporaryDirectory(prefix="finance-bench-") as tmp:
         work = Path(tmp)
-        if {"throughput", "realtime"} & set(args.sections):
+        if {"throughput", "realtime", "explain"} & set(args.sections):
             model_dir, df = _demo_model(work, params)
         if "throughput" in args.sections:
             results["throughput"] = throughput_section(work, model_dir, args.throughput_accounts, 40)
@@ -347,9 +520,11 @@ def main() -> None:
         if "realtime" in args.sections:
             results["realtime"] = realtime_section(model_dir, df, args.realtime_transactions)
             print("realtime", results["realtime"], flush=True)
-    results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        if "explain" in args.sections:
+            results["explain"] = explain_section(model_dir, df, 50)
+            print("explain", results["explain"], flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2))
+    path.write_text(json.dumps(results, indent=2))
     (RESULTS / f"{args.name}.md").write_text(markdown(results))
     print(markdown(results))
 

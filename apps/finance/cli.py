@@ -23,6 +23,10 @@ app = typer.Typer(no_args_is_help=True, help="Fraud detection on card transactio
 
 FORMAT_CHOICES = ("canonical", "tabformer", "handbook")
 ModelOption = Annotated[Path, typer.Option("--model", help="Model directory written by `train`.")]
+DomainOption = Annotated[
+    Optional[str],
+    typer.Option("--domain", help="With a suite model directory: the part to load (this app's name)."),
+]
 FormatOption = Annotated[
     str, typer.Option("--format", help="Input format: canonical, tabformer or handbook.")
 ]
@@ -150,12 +154,16 @@ def evaluate(
     format: FormatOption = "canonical",
     columns: ColumnsOption = None,
     as_json: JsonOption = False,
+    domain: DomainOption = None,
 ) -> None:
     """Average precision, ROC-AUC, recall at the stored threshold, precision@100 per day, alerts for 90% recall."""
     from apps.finance.metrics import fraud_metrics
     from apps.finance.predictor import FraudDetector
     from apps.finance.schema import LABEL_COLUMN
     from core.errors import InputValidationError
+    from core.train import resolve_model_dir
+
+    model = resolve_model_dir(model, domain)
 
     _check_format(format)
     detector = FraudDetector.load(model)
@@ -199,12 +207,22 @@ def score(
         bool, typer.Option(help="Store the alerts in the database for the dashboard.")
     ] = True,
     as_json: JsonOption = False,
+    domain: DomainOption = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            "--backend", help="torch, or onnx (ONNX Runtime; exported once into <model>/onnx, same scores)."
+        ),
+    ] = "torch",
 ) -> None:
     """Score a source in chunks (resumable: rerun the same command after a crash), write scores and alerts."""
     from rich.console import Console
 
     from apps.finance import service
     from core.db import SuiteSettings, make_engine, make_session_factory, upgrade_database
+    from core.train import resolve_model_dir
+
+    model = resolve_model_dir(model, domain)
 
     _check_format(format)
     if on_invalid not in ("raise", "quarantine"):
@@ -215,6 +233,8 @@ def score(
         raise typer.BadParameter(
             f"must be a positive number of rows; got {chunk_size}", param_hint="--chunk-size"
         )
+    if backend not in ("torch", "onnx"):
+        raise typer.BadParameter(f"expected torch or onnx; got {backend!r}", param_hint="--backend")
     report = service.score(
         model,
         input,
@@ -226,6 +246,7 @@ def score(
         on_invalid=on_invalid,
         console=Console(stderr=True),
         progress=not as_json,
+        backend=backend,
     )
     added = 0
     settings = ctx.find_object(SuiteSettings)
@@ -259,9 +280,13 @@ def explain(
     format: FormatOption = "canonical",
     columns: ColumnsOption = None,
     as_json: JsonOption = False,
+    domain: DomainOption = None,
 ) -> None:
     """The past transactions that drove a score (attention) and the fields that moved it (occlusion)."""
     from apps.finance.predictor import FraudDetector
+    from core.train import resolve_model_dir
+
+    model = resolve_model_dir(model, domain)
 
     _check_format(format)
     detector = FraudDetector.load(model)

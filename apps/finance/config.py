@@ -19,12 +19,24 @@ NUMERIC_FIELDS: tuple[str, ...] = (
     "weekday_sin",
     "weekday_cos",
     "amount_vs_account",
+    "merchant_risk_1d",
     "merchant_risk_7d",
     "merchant_risk_30d",
     "merchant_risk_all",
+    "merchant_log_count_1d",
+    "merchant_log_count_7d",
     "merchant_log_count_30d",
+    "account_log_count_1d",
+    "account_log_count_7d",
+    "account_log_count_30d",
+    "amount_vs_account_1d",
+    "amount_vs_account_7d",
+    "amount_vs_account_30d",
 )
 """Numeric fields of each transaction token (standardised with training statistics, see `encode`)."""
+
+ACCOUNT_WINDOWS_DAYS: tuple[float, ...] = (1.0, 7.0, 30.0)
+"""Windows of the account spending features (`account_log_count_*`, `amount_vs_account_*`)."""
 
 DOMAINS: tuple[str, ...] = ("other", *CHANNELS)
 """MoE domains: the channel of each transaction (values outside `CHANNELS` route as "other")."""
@@ -92,6 +104,8 @@ def fraud_config(
         numeric_frequencies=4,
         use_time_delta=True,
         num_labels=2,
+        # The pooled logits are the last token's: the real-time path reads a window's score from them.
+        classifier_pooling="last",
         classification_loss=classification_loss,
         class_weights=list(class_weights) if class_weights is not None else None,
     )

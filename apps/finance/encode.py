@@ -7,9 +7,13 @@ id (its channel, for the MoE router). Features use only what is known when the t
 
 - `amount_vs_account`: log-amount minus the mean log-amount of the account's *earlier* transactions (a
   geometric running mean, the robust stand-in for a running median that can be updated in O(1));
-- `merchant_risk_*`: the smoothed fraud rate of the merchant over 7 days, 30 days and all time, counted
+- `merchant_risk_*`: the smoothed fraud rate of the merchant over 1, 7 and 30 days and all time, counted
   ONLY over labelled transactions older than the label delay (default 7 days) at the transaction's time,
-  so a label is used only once it would be known; `merchant_log_count_30d` the matching volume.
+  so a label is used only once it would be known; `merchant_log_count_*` the matching volumes (the
+  handbook's delayed terminal features);
+- `account_log_count_*` and `amount_vs_account_*`: how many earlier transactions the account made in the
+  last 1, 7 and 30 days, and the log-amount minus their mean log-amount (the handbook's customer spending
+  features); the state keeps each account's last 30 days of (time, log-amount) for them.
 
 Windows: an account's transactions are numbered i = 0, 1, ...; window w covers tokens
 [w*S, w*S + K) with S = K/2. Transaction i is scored in window 0 when i < K, else in window i//S - 1,
@@ -29,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from apps.finance.config import CATEGORICAL_FIELDS, DOMAINS, NUMERIC_FIELDS
+from apps.finance.config import ACCOUNT_WINDOWS_DAYS, CATEGORICAL_FIELDS, DOMAINS, NUMERIC_FIELDS
 from apps.finance.labels import LabelStore
 from apps.finance.schema import LABEL_COLUMN, Transaction
 from core.data import IGNORE_INDEX
@@ -49,6 +53,8 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _US = 1_000_000
 _DAY = 86_400
 _PERIODIC = {"hour_sin", "hour_cos", "weekday_sin", "weekday_cos"}
+_WINDOW_SECONDS = np.array([int(days * _DAY) for days in ACCOUNT_WINDOWS_DAYS], np.int64)
+_RECENT_SECONDS = int(_WINDOW_SECONDS.max())
 _DOMAIN_INDEX = {name: i for i, name in enumerate(DOMAINS)}
 
 
@@ -122,12 +128,16 @@ class AccountHistory:
         log_amount_sum: sum of their log1p(amount).
         last_us: timestamp of the latest one (epoch microseconds), or None.
         tail: its last K-1 tokens (the context of the next windows).
+        recent_seconds, recent_log: (n,) epoch seconds and log1p(amount) of its transactions of the last
+            `max(ACCOUNT_WINDOWS_DAYS)` days before the latest one (the spending-window features).
     """
 
     count: int = 0
     log_amount_sum: float = 0.0
     last_us: int | None = None
     tail: Tokens = field(default_factory=Tokens.empty)
+    recent_seconds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    recent_log: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 @dataclass
@@ -297,13 +307,23 @@ class FeatureEncoder:
         delta_sorted = np.where(prev_us >= 0, (sorted_us - prev_us) / _US, 0.0)
         vs_account = np.zeros(n)
         vs_account[order] = np.where(prev_count > 0, sorted_log - prev_sum / np.maximum(prev_count, 1), 0.0)
+        carried = [state.accounts.get(account) for account in uniques]
+        window_count, window_sum, recent = _account_windows(
+            sorted_codes,
+            seconds[order],
+            sorted_log,
+            [np.zeros(0, np.int64) if h is None else h.recent_seconds for h in carried],
+            [np.zeros(0) if h is None else h.recent_log for h in carried],
+        )
+        spending = np.empty((n, 2 * len(_WINDOW_SECONDS)))
+        spending[order] = _spending(sorted_log, window_count, window_sum)
         account_index = np.empty(n, np.int64)
         account_index[order] = prev_count
         time_delta = np.empty(n)
         time_delta[order] = np.maximum(delta_sorted, 0.0)
 
         numeric, present = self._numeric(
-            log_amount, seconds, vs_account, account_index > 0, risk, risk_present, standardise
+            log_amount, seconds, vs_account, account_index > 0, risk, risk_present, spending, standardise
         )
 
         ids = np.column_stack(
@@ -328,6 +348,7 @@ class FeatureEncoder:
                 history.count = int(prev_count[last_sorted[k]] + 1)
                 history.log_amount_sum = float(prev_sum[last_sorted[k]] + sorted_log[last_sorted[k]])
                 history.last_us = int(sorted_us[last_sorted[k]])
+                history.recent_seconds, history.recent_log = recent[k]
         return tokens, account_index
 
     def _numeric(
@@ -338,9 +359,13 @@ class FeatureEncoder:
         has_past: np.ndarray,
         risk: np.ndarray,
         risk_present: np.ndarray,
+        spending: np.ndarray,
         standardise: bool,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The numeric fields (N, F) and their mask, shared by the batch and the real-time paths."""
+        """The numeric fields (N, F) and their mask, shared by the batch and the real-time paths.
+
+        `spending` is `_spending`'s (N, 2W): log1p(window counts), then amount vs window mean (NaN: none).
+        """
         second_of_day = (seconds % _DAY) / _DAY
         weekday = ((seconds // _DAY + 3) % 7) / 7.0  # 1970-01-01 was a Thursday; Monday = 0
         numeric = np.column_stack(
@@ -352,11 +377,13 @@ class FeatureEncoder:
                 np.cos(2 * math.pi * weekday),
                 vs_account,
                 risk,
+                spending,
             ]
         )
         present = np.ones_like(numeric, dtype=bool)
         present[:, 5] = has_past
-        present[:, 6:] = risk_present
+        present[:, 6 : 6 + risk.shape[1]] = risk_present
+        present[:, 6 + risk.shape[1] :] = ~np.isnan(spending)
         if standardise:
             numeric = (numeric - np.asarray(self.numeric_mean)) / np.asarray(self.numeric_std)
         return np.where(present, numeric, 0.0), present
@@ -432,8 +459,20 @@ class FeatureEncoder:
         log_amount = np.log1p(np.array([tx.amount], dtype=np.float64))
         count = history.count
         vs_account = log_amount - history.log_amount_sum / count if count else np.zeros(1)
+        recent_seconds, recent_log = history.recent_seconds, history.recent_log
+        inside = recent_seconds[None, :] > second - _WINDOW_SECONDS[:, None]  # (W, n)
+        spending = _spending(
+            log_amount, inside.sum(1)[None, :], (inside * recent_log[None, :]).sum(1)[None, :]
+        )
         numeric, present = self._numeric(
-            log_amount, np.array([second]), vs_account, np.array([count > 0]), risk, risk_present, True
+            log_amount,
+            np.array([second]),
+            vs_account,
+            np.array([count > 0]),
+            risk,
+            risk_present,
+            spending,
+            True,
         )
         values = (tx.merchant_id, tx.merchant_category, tx.channel, tx.country)
         ids = np.array(
@@ -467,6 +506,9 @@ class FeatureEncoder:
         history.log_amount_sum += float(log_amount[0])
         history.last_us = micros
         history.tail = sequence.take(slice(max(0, len(sequence) - self.history_window + 1), None))
+        keep = recent_seconds > second - _RECENT_SECONDS
+        history.recent_seconds = np.append(recent_seconds[keep], second)
+        history.recent_log = np.append(recent_log[keep], log_amount[0])
         return example, count - start
 
 
@@ -486,6 +528,59 @@ class Windows:
 
     def __len__(self) -> int:
         return len(self.examples)
+
+
+def _account_windows(
+    sorted_codes: np.ndarray,
+    sorted_seconds: np.ndarray,
+    sorted_log: np.ndarray,
+    carried_seconds: list[np.ndarray],
+    carried_log: list[np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """Per-account spending windows over a frame plus each account's carried recent transactions.
+
+    Args:
+        sorted_codes: (N,) account codes 0..U-1 of the frame rows, ascending (time order within a code).
+        sorted_seconds, sorted_log: (N,) epoch seconds and log1p(amount) of those rows.
+        carried_seconds, carried_log: per account code, its recent transactions from earlier chunks.
+
+    Returns:
+        (counts, sums, recent): counts (N, W) of the account's earlier transactions with time in
+        (t - w, t] for each window w of `ACCOUNT_WINDOWS_DAYS`, sums (N, W) of their log-amounts, and per
+        account code the (seconds, log-amounts) to carry: its transactions of the last longest window.
+    """
+    lengths = np.array([len(c) for c in carried_seconds], np.int64)
+    codes = np.concatenate([np.repeat(np.arange(len(lengths)), lengths), sorted_codes]).astype(np.int64)
+    seconds = np.concatenate([*carried_seconds, sorted_seconds]).astype(np.int64)
+    logs = np.concatenate([*carried_log, sorted_log]).astype(np.float64)
+    order = np.argsort(codes, kind="stable")  # carried rows first within each account, then the frame's
+    codes, seconds, logs = codes[order], seconds[order], logs[order]
+    rows = np.flatnonzero(order >= lengths.sum())  # (N,) positions of the frame rows, in sorted order
+    base = int(seconds.min()) - _RECENT_SECONDS - 1 if len(seconds) else 0
+    key = (codes << 40) | (seconds - base)  # (account, time) in one sortable integer
+    cum = np.concatenate([[0.0], np.cumsum(logs)])
+    lower = np.searchsorted(  # (W, N) first position of the same account with time > t - w
+        key,
+        (codes[rows] << 40)[None, :] | (seconds[rows][None, :] - _WINDOW_SECONDS[:, None] - base),
+        "right",
+    )
+    counts = (rows[None, :] - lower).T  # (N, W)
+    sums = (cum[rows][None, :] - cum[lower]).T  # (N, W)
+    bounds = np.searchsorted(codes, np.arange(len(lengths) + 1))
+    recent = []
+    for k in range(len(lengths)):
+        start, stop = int(bounds[k]), int(bounds[k + 1])
+        if stop > start:
+            start += int(np.searchsorted(seconds[start:stop], seconds[stop - 1] - _RECENT_SECONDS, "right"))
+        recent.append((seconds[start:stop].copy(), logs[start:stop].copy()))
+    return counts, sums, recent
+
+
+def _spending(log_amount: np.ndarray, counts: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """(N, 2W): log1p(window counts), then log-amount minus the window mean (NaN where the window is empty)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        versus = np.where(counts > 0, log_amount[:, None] - sums / counts, np.nan)
+    return np.concatenate([np.log1p(counts), versus], axis=1)
 
 
 def timestamp_micros(when: dt.datetime) -> int:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import bisect
 
 import numpy as np
+import pandas as pd
 
-RISK_WINDOWS_DAYS: tuple[float | None, ...] = (7.0, 30.0, None)
-"""Windows of the merchant risk features (None: all time)."""
+RISK_WINDOWS_DAYS: tuple[float | None, ...] = (1.0, 7.0, 30.0, None)
+"""Windows of the merchant risk features (None: all time), each ending at `t - delay`."""
+COUNT_WINDOWS_DAYS: tuple[float, ...] = (1.0, 7.0, 30.0)
+"""Windows (among `RISK_WINDOWS_DAYS`) whose labelled-transaction volume is a feature as well."""
 RISK_PRIOR_WEIGHT = 1.0
 """Pseudo-count of the global fraud rate in the smoothed merchant rate."""
 _EPOCH_2000 = 946_684_800
@@ -58,7 +61,8 @@ class LabelStore:
         if not fresh.any():
             return
         self._ids.update(np.asarray(transaction_ids)[fresh].tolist())
-        codes = np.fromiter((self._code(m) for m in np.asarray(merchants)[fresh]), np.int64)
+        inverse, uniques = pd.factorize(np.asarray(merchants, dtype=object)[fresh], use_na_sentinel=False)
+        codes = np.fromiter((self._code(m) for m in uniques), np.int64, len(uniques))[inverse]
         rel = np.clip(np.asarray(seconds, np.int64)[fresh] - _EPOCH_2000, 0, 2**32 - 1)
         self._parts.append(((codes << 32) | rel, np.asarray(labels, np.int64)[fresh]))
 
@@ -87,7 +91,8 @@ class LabelStore:
     def counts(self, merchants: np.ndarray, before_seconds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(transactions, frauds) of each merchant strictly before each time (arrays (N,) int64)."""
         self._merge()
-        codes = np.fromiter((self._codes.get(m, -1) for m in merchants), np.int64, len(merchants))
+        inverse, uniques = pd.factorize(np.asarray(merchants, dtype=object), use_na_sentinel=False)
+        codes = np.fromiter((self._codes.get(m, -1) for m in uniques), np.int64, len(uniques))[inverse]
         known = codes >= 0
         base = np.where(known, codes, 0) << 32
         rel = np.clip(np.asarray(before_seconds, np.int64) - _EPOCH_2000, 0, 2**32 - 1)
@@ -107,20 +112,33 @@ class LabelStore:
     def risk_features(
         self, merchants: np.ndarray, seconds: np.ndarray, prior: float
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Raw merchant risk features (N, 4) and their presence mask, from labels known at each time."""
+        """Raw merchant features from labels known at each time, and their presence mask.
+
+        Columns: the smoothed log fraud rate over each of `RISK_WINDOWS_DAYS` (present when the window
+        holds a labelled transaction), then log1p(labelled transactions) over each of
+        `COUNT_WINDOWS_DAYS` (always present). Every window ends at `t - delay`.
+
+        Returns:
+            (N, len(RISK_WINDOWS_DAYS) + len(COUNT_WINDOWS_DAYS)) values and the same-shaped bool mask.
+        """
         cutoff = np.asarray(seconds, np.int64) - self.delay_seconds
-        n_all, f_all = self.counts(merchants, cutoff)
-        values, present = [], []
+        windows = [days for days in RISK_WINDOWS_DAYS if days is not None]
+        # One counts() query for every window start and the cutoff: (1 + windows) x N.
+        starts = np.concatenate([cutoff, *(cutoff - int(days * _DAY) for days in windows)])
+        n_at, f_at = self.counts(np.tile(np.asarray(merchants, dtype=object), 1 + len(windows)), starts)
+        n_at, f_at = n_at.reshape(1 + len(windows), -1), f_at.reshape(1 + len(windows), -1)
+        n_all, f_all = n_at[0], f_at[0]
+        values, present, volumes = [], [], {}
         for days in RISK_WINDOWS_DAYS:
             if days is None:
                 n, f = n_all, f_all
             else:
-                n_old, f_old = self.counts(merchants, cutoff - int(days * _DAY))
-                n, f = n_all - n_old, f_all - f_old
+                k = 1 + windows.index(days)
+                n, f = n_all - n_at[k], f_all - f_at[k]
+                volumes[days] = n
             values.append(np.log((f + RISK_PRIOR_WEIGHT * prior) / (n + RISK_PRIOR_WEIGHT)))
             present.append(n > 0)
-            if days == 30.0:
-                count30 = np.log1p(n)
-        values.append(count30)
-        present.append(np.ones(len(cutoff), bool))
+        for days in COUNT_WINDOWS_DAYS:
+            values.append(np.log1p(volumes[days]))
+            present.append(np.ones(len(cutoff), bool))
         return np.stack(values, 1), np.stack(present, 1)

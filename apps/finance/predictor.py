@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +28,10 @@ from apps.finance.encode import UNKNOWN_ID, EncodingState, FeatureEncoder, Windo
 from apps.finance.metrics import fraud_metrics, pr_curve, threshold_for_budget, threshold_for_precision
 from apps.finance.schema import LABEL_COLUMN
 from core.data import collate
-from core.errors import InputValidationError, NotFittedError
+from core.errors import ConfigError, InputValidationError, NotFittedError
 from core.train import (
     ExampleDataset,
+    TrainingPlan,
     code_version,
     default_training_args,
     fingerprint,
@@ -39,8 +43,12 @@ from core.train import (
 logger = logging.getLogger(__name__)
 
 APP_NAME = "finance"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LABELS_FILE = "merchant_labels.parquet"
+ONNX_DIR = "onnx"
+"""Sub-folder of a model directory caching its ONNX Runtime export (`FraudDetector.load(backend="onnx")`)."""
+ONNX_SOURCE_FILE = "source.json"
+BACKENDS = ("torch", "onnx")
 TOKENS_PER_BATCH = 16_384
 OCCLUSION_GROUPS: dict[str, tuple[str, ...]] = {
     "merchant": ("cat:merchant",),
@@ -51,10 +59,21 @@ OCCLUSION_GROUPS: dict[str, tuple[str, ...]] = {
     "time_of_day": ("num:hour_sin", "num:hour_cos"),
     "weekday": ("num:weekday_sin", "num:weekday_cos"),
     "merchant_risk": (
+        "num:merchant_risk_1d",
         "num:merchant_risk_7d",
         "num:merchant_risk_30d",
         "num:merchant_risk_all",
+        "num:merchant_log_count_1d",
+        "num:merchant_log_count_7d",
         "num:merchant_log_count_30d",
+    ),
+    "recent_spending": (
+        "num:account_log_count_1d",
+        "num:account_log_count_7d",
+        "num:account_log_count_30d",
+        "num:amount_vs_account_1d",
+        "num:amount_vs_account_7d",
+        "num:amount_vs_account_30d",
     ),
     "time_since_previous": ("delta",),
 }
@@ -144,6 +163,59 @@ class FraudDetector:
         Raises:
             InputValidationError: No labels, or no fraud in the training data.
         """
+        plan = self.prepare_fit(train_df, val_df, history)
+        from core.model import CoreModel
+
+        torch.manual_seed(self.seed)
+        model = CoreModel(plan.config).to(self.device)
+        dataset = ExampleDataset(plan.task_examples)
+        with tempfile.TemporaryDirectory(prefix="finance-train-") as work:
+            common = dict(
+                learning_rate=self.learning_rate,
+                batch_size=self.batch_size,
+                seed=self.seed,
+                max_steps=self.max_steps,
+                use_cpu=self.device == "cpu",
+                logging_steps=50,
+            )
+            pretrain = None
+            if self.pretrain_epochs > 0:
+                pretrain = default_training_args(
+                    Path(work) / "pretrain", epochs=self.pretrain_epochs, **common
+                )
+            training_metrics = fit_two_stage(
+                model,
+                dataset,
+                work,
+                pretrain_dataset=ExampleDataset(plan.pretrain_examples) if pretrain is not None else None,
+                pretrain_args=pretrain,
+                task_args=default_training_args(Path(work) / "task", epochs=self.epochs, **common),
+                seed=self.seed,
+            )
+        return self.finish_fit(model, plan, training_metrics)
+
+    def prepare_fit(
+        self,
+        train_df: pd.DataFrame,
+        val_df: pd.DataFrame | None = None,
+        history: pd.DataFrame | None = None,
+        config_overrides: Mapping[str, Any] | None = None,
+    ) -> TrainingPlan:
+        """The first half of `fit`: split, fit the feature encoder, encode the windows, build the config.
+
+        `fit` is `prepare_fit`, two-stage training of `CoreModel(plan.config)`, then `finish_fit`; another
+        trainer (the suite's joint training) can train the model in between.
+
+        Args:
+            train_df, val_df, history: as in `fit`.
+            config_overrides: CoreConfig fields replacing the preset's (e.g. a suite's shared trunk).
+
+        Returns:
+            The `TrainingPlan` (task and pretraining examples are the labelled training windows).
+
+        Raises:
+            InputValidationError: No labels, or no fraud in the training data.
+        """
         if LABEL_COLUMN not in train_df.columns:
             raise InputValidationError(f"training data has no {LABEL_COLUMN!r} column; it needs labels")
         in_sample = val_df is None and self.validation_share <= 0
@@ -152,7 +224,7 @@ class FraudDetector:
             train_df, val_df = train_df[train_df["timestamp"] < cut], train_df[train_df["timestamp"] >= cut]
         if in_sample:
             warnings.warn(
-                "validation_share=0: the threshold is chosen on the training data", UserWarning, stacklevel=2
+                "validation_share=0: the threshold is chosen on the training data", UserWarning, stacklevel=3
             )
             val_df = train_df
         if LABEL_COLUMN not in val_df.columns or len(val_df) == 0:
@@ -181,36 +253,36 @@ class FraudDetector:
             class_weights=weights,
             classification_loss=self.loss,
             use_moe=self.use_moe,
+            **dict(config_overrides or {}),
         )
-        from core.model import CoreModel
+        context = dict(
+            train_df=train_df,
+            val_df=val_df,
+            history=history,
+            in_sample=in_sample,
+            windows=windows,
+            started=started,
+        )
+        return TrainingPlan(self.config_, windows.examples, windows.examples, context)
 
-        torch.manual_seed(self.seed)
-        model = CoreModel(self.config_).to(self.device)
-        dataset = ExampleDataset(windows.examples)
-        with tempfile.TemporaryDirectory(prefix="finance-train-") as work:
-            common = dict(
-                learning_rate=self.learning_rate,
-                batch_size=self.batch_size,
-                seed=self.seed,
-                max_steps=self.max_steps,
-                use_cpu=self.device == "cpu",
-                logging_steps=50,
-            )
-            pretrain = None
-            if self.pretrain_epochs > 0:
-                pretrain = default_training_args(
-                    Path(work) / "pretrain", epochs=self.pretrain_epochs, **common
-                )
-            self.training_metrics_ = fit_two_stage(
-                model,
-                dataset,
-                work,
-                pretrain_dataset=dataset if pretrain is not None else None,
-                pretrain_args=pretrain,
-                task_args=default_training_args(Path(work) / "task", epochs=self.epochs, **common),
-                seed=self.seed,
-            )
-        self.model_ = model.eval()
+    def finish_fit(
+        self, model: Any, plan: TrainingPlan, training_metrics: Mapping[str, Any] | None = None
+    ) -> FraudDetector:
+        """The second half of `fit`: keep the trained model, choose the threshold on validation data, score it.
+
+        Args:
+            model: the trained `CoreModel` (its config may differ from `plan.config` in sizes, not in fields).
+            plan: the plan `prepare_fit` returned.
+            training_metrics: the training stages' metrics, kept as `training_metrics_`.
+
+        Returns:
+            self, fitted.
+        """
+        train_df, val_df, history = plan.context["train_df"], plan.context["val_df"], plan.context["history"]
+        in_sample, windows = plan.context["in_sample"], plan.context["windows"]
+        self.training_metrics_ = dict(training_metrics or {})
+        self.model_ = model.to(self.device).eval()
+        self.config_ = model.config
         labelled = train_df if in_sample else pd.concat([train_df, val_df])
         self.label_events_ = labelled[
             ["transaction_id", "merchant_id", "timestamp", LABEL_COLUMN]
@@ -232,7 +304,7 @@ class FraudDetector:
             self.threshold_ = threshold_for_precision(scores, labels, self.target_precision)
             self.threshold_rule_ = f"target_precision={self.target_precision}"
         self.metrics_ = fraud_metrics(labels, scores, days, self.threshold_)
-        self.metrics_["train_seconds"] = round(time.perf_counter() - started, 2)
+        self.metrics_["train_seconds"] = round(time.perf_counter() - plan.context["started"], 2)
         self.curve_ = pr_curve(labels, scores)
         self.score_histogram_ = np.histogram(scores, bins=20, range=(0.0, 1.0))[0].tolist()
         return self
@@ -342,9 +414,10 @@ class FraudDetector:
         first_row = target - position  # account_rows row of token 0 of the window
         variants = [example] + [_occlude(example, position, parts) for parts in OCCLUSION_GROUPS.values()]
         batch = collate(variants).to(self.device)
+        model = getattr(self, "torch_model_", self.model_)  # attention weights come from the torch model
         with torch.inference_mode():
-            out = self.model_(**batch.to_dict(), output_attentions=True)
-            logits = self.model_.classifier(out.hidden_states)  # (B, T, 2)
+            out = model(**batch.to_dict(), output_attentions=True)
+            logits = model.classifier(out.hidden_states)  # (B, T, 2)
         probability = torch.softmax(logits.float(), dim=-1)[:, position, 1].cpu().numpy()
         weights = out.attentions[-1].attention_weights[0].float().mean(0)[position, :position]  # (position,)
         ranked = torch.argsort(weights, descending=True)[:top_k].cpu().numpy()
@@ -399,13 +472,58 @@ class FraudDetector:
         )
         return model_dir
 
+    def use_onnx_runtime(self, folder: str | Path) -> FraudDetector:
+        """Score with ONNX Runtime: export the fp32 model to `folder` (once; reused while it matches) and use it.
+
+        Scores equal the torch model's to about 1e-6 (tested at 1e-5); ONNX Runtime runs as many threads as
+        torch. Explanations keep the torch model (they need attention weights). Training is not affected.
+
+        Args:
+            folder: Where the export lives (`load(backend="onnx")` uses `<model dir>/onnx`).
+
+        Returns:
+            self.
+        """
+        self._check_fitted()
+        from core.compress import export_onnx
+        from core.onnx_model import OnnxCoreModel
+
+        folder = Path(folder)
+        source = {"model_version": self.model_version_, "data_fingerprint": self.data_fingerprint_}
+        marker = folder / ONNX_SOURCE_FILE
+        if not (marker.is_file() and json.loads(marker.read_text()) == source):
+            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notices
+                export_onnx(
+                    getattr(self, "torch_model_", self.model_), [_export_sample()], tmp, with_explain=False
+                )
+            (tmp / ONNX_SOURCE_FILE).write_text(json.dumps(source))
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        self.torch_model_ = getattr(self, "torch_model_", self.model_)
+        self.model_ = OnnxCoreModel(folder, threads=torch.get_num_threads())
+        return self
+
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> FraudDetector:
+    def load(cls, path: str | Path, device: str = "cpu", backend: str = "torch") -> FraudDetector:
         """Load a model directory written by `save`.
+
+        Args:
+            path: The model directory.
+            device: torch device (backend "torch").
+            backend: "torch", or "onnx" to score with ONNX Runtime on the CPU (see `use_onnx_runtime`; the
+                export is cached in `<path>/onnx`).
 
         Raises:
             InputValidationError: Not a finance model directory.
+            ConfigError: An unknown backend, or "onnx" with a device other than the CPU.
         """
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {list(BACKENDS)}; got {backend!r}")
+        if backend == "onnx" and torch.device(device).type != "cpu":
+            raise ConfigError(f"the onnx backend runs on the CPU, not on {device!r}")
         model, meta = load_checkpoint(path, device)
         if meta.get("app") != APP_NAME:
             raise InputValidationError(
@@ -434,6 +552,8 @@ class FraudDetector:
         events = pd.read_parquet(Path(path) / LABELS_FILE)
         events["timestamp"] = pd.to_datetime(events["timestamp"], utc=True)
         detector.label_events_ = events
+        if backend == "onnx":
+            detector.use_onnx_runtime(Path(path) / ONNX_DIR)
         return detector
 
     def get_params(self) -> dict[str, Any]:
@@ -482,6 +602,19 @@ def _occlude(example: dict[str, Any], position: int, parts: Sequence[str]) -> di
         else:
             out["time_delta"][position] = 0.0
     return out
+
+
+def _export_sample(length: int = 8) -> dict[str, Any]:
+    """A small valid example (unknown ids, zero values) to trace the ONNX export with."""
+    from apps.finance.config import CATEGORICAL_FIELDS, NUMERIC_FIELDS
+
+    return {
+        "categorical": {name: np.full(length, UNKNOWN_ID, np.int64) for name in CATEGORICAL_FIELDS},
+        "numeric": np.zeros((length, len(NUMERIC_FIELDS)), np.float32),
+        "numeric_mask": np.ones((length, len(NUMERIC_FIELDS)), bool),
+        "time_delta": np.zeros(length, np.float32),
+        "domain_ids": np.zeros(length, np.int64),
+    }
 
 
 def _frame_fingerprint(df: pd.DataFrame) -> str:

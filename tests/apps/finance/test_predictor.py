@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score
 
+from apps.finance.config import NUMERIC_FIELDS
 from apps.finance.encode import FeatureEncoder
 from apps.finance.labels import LabelStore
 from apps.finance.predictor import FraudDetector
-from core.errors import InputValidationError, NotFittedError
+from core.errors import ConfigError, InputValidationError, NotFittedError
 
 
 def _some_accounts(df: pd.DataFrame, n: int) -> pd.DataFrame:
@@ -84,17 +83,14 @@ def test_save_then_load_gives_identical_scores(trained) -> None:
     assert loaded.threshold_ == trained.detector.threshold_
 
 
-def test_explain_names_past_transactions_and_fields_within_200_ms(trained) -> None:
+def test_explain_names_past_transactions_and_fields(trained) -> None:
+    # Its latency (< 200 ms per alert) is measured by `bench/finance_bench.py --sections explain`.
     df = pd.concat([trained.train, trained.test])
     account = df["account_id"].value_counts().index[0]
     target = df[df["account_id"] == account]["transaction_id"].iloc[40]
-    trained.detector.explain(df, target)  # warm-up
 
-    started = time.perf_counter()
     result = trained.detector.explain(df, target)
-    elapsed = time.perf_counter() - started
 
-    assert elapsed < 0.2
     assert len(result["top_transactions"]) == 5
     earlier = set(df[df["account_id"] == account]["transaction_id"].iloc[:40])
     assert {t["transaction_id"] for t in result["top_transactions"]} <= earlier
@@ -104,3 +100,82 @@ def test_explain_names_past_transactions_and_fields_within_200_ms(trained) -> No
 def test_explain_unknown_transaction_is_rejected(trained) -> None:
     with pytest.raises(InputValidationError, match="not found"):
         trained.detector.explain(trained.test, "no-such-id")
+
+
+def _frame(rows: list[tuple[str, str, float, str]]) -> pd.DataFrame:
+    """Canonical transactions from (account, ISO time, amount, merchant) tuples."""
+    return pd.DataFrame(
+        {
+            "transaction_id": [f"t{i}" for i in range(len(rows))],
+            "account_id": [r[0] for r in rows],
+            "timestamp": pd.to_datetime([r[1] for r in rows], utc=True),
+            "amount": [r[2] for r in rows],
+            "merchant_id": [r[3] for r in rows],
+            "merchant_category": ["5411"] * len(rows),
+            "channel": ["pos"] * len(rows),
+            "country": ["US"] * len(rows),
+            "is_fraud": [0] * len(rows),
+        }
+    )
+
+
+def test_spending_windows_count_only_the_accounts_earlier_transactions_inside_each_window(trained) -> None:
+    encoder: FeatureEncoder = trained.detector.encoder_
+    df = _frame(
+        [
+            ("a", "2024-01-01T00:00Z", 10.0, "m"),
+            ("b", "2024-01-01T01:00Z", 99.0, "m"),
+            ("a", "2024-01-01T02:00Z", 30.0, "m"),
+            (
+                "a",
+                "2024-01-02T01:00Z",
+                500.0,
+                "m",
+            ),  # 25 h after the first: only the 02:00 one is within 1 day
+        ]
+    )
+    raw, present = encoder._raw_numeric(df, encoder.new_state(), update=True)
+    column = {name: j for j, name in enumerate(NUMERIC_FIELDS)}
+
+    counts = np.expm1(raw[:, [column[f"account_log_count_{w}d"] for w in (1, 7, 30)]]).round()
+    assert counts.tolist() == [[0, 0, 0], [0, 0, 0], [1, 1, 1], [1, 2, 2]]
+    assert not present[0, column["amount_vs_account_1d"]] and present[3, column["amount_vs_account_1d"]]
+    np.testing.assert_allclose(raw[3, column["amount_vs_account_1d"]], np.log1p(500) - np.log1p(30))
+    np.testing.assert_allclose(
+        raw[3, column["amount_vs_account_7d"]], np.log1p(500) - (np.log1p(10) + np.log1p(30)) / 2
+    )
+
+
+def test_encoding_in_chunks_gives_the_same_tokens_as_one_pass(trained) -> None:
+    encoder: FeatureEncoder = trained.detector.encoder_
+    df = _some_accounts(pd.concat([trained.train, trained.test]), 30).reset_index(drop=True)
+    whole, _ = encoder._featurize(df, trained.detector.new_state())
+    state = trained.detector.new_state()
+    half = len(df) // 2
+    parts = [encoder._featurize(df.iloc[:half], state)[0], encoder._featurize(df.iloc[half:], state)[0]]
+
+    np.testing.assert_allclose(np.concatenate([p.numeric for p in parts]), whole.numeric, atol=1e-5)
+    np.testing.assert_array_equal(np.concatenate([p.numeric_mask for p in parts]), whole.numeric_mask)
+    np.testing.assert_allclose(np.concatenate([p.time_delta for p in parts]), whole.time_delta)
+
+
+@pytest.mark.slow  # one ONNX export (about 10 s on an idle core)
+def test_onnx_backend_scores_like_torch_in_batch_and_real_time(trained, tmp_path) -> None:
+    import shutil
+
+    from apps.finance import service
+
+    model_dir = shutil.copytree(trained.model_dir, tmp_path / "model")
+    sample = _some_accounts(trained.test, 15)
+    history = _some_accounts(trained.train, 15)
+    onnx = FraudDetector.load(model_dir, backend="onnx")
+    expected = trained.detector.predict_proba(sample, history=history)
+    scorer = service.RealtimeScorer(onnx, history=history)
+    realtime = [scorer.score(r).score for r in sample.drop(columns=["scenario"]).to_dict("records")]
+
+    assert (model_dir / "onnx" / "model.onnx").is_file()
+    np.testing.assert_allclose(onnx.predict_proba(sample, history=history), expected, atol=1e-5)
+    np.testing.assert_allclose(realtime, expected, atol=1e-5)
+    assert FraudDetector.load(model_dir, backend="onnx").model_.model_dir == model_dir / "onnx"  # reused
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        FraudDetector.load(model_dir, backend="tpu")
