@@ -10,12 +10,19 @@
    10% of training students held out for epoch selection, test AUC on the test file vs DKT.
 
 The DKT baseline is a `torch.nn.LSTM` over the skill x response token (Piech et al. 2015) trained on the
-same windows with the same protocol; bench/ may define it, apps/ may not.
+same windows with the same protocol and device; bench/ may define it, apps/ may not.
+
+On CUDA the core model trains with bf16 autocast (`core.train.default_training_args` turns bf16 on) and
+the grid is `GPU_GRID`: configurations in priority order (preset, learning rate, MoE skill clusters),
+each trained for `--epochs` with the epoch chosen by validation AUC; `--budget-s` skips the remaining
+configurations once the next one would not fit, so 2015 and 2009 together stay inside a 10-minute call.
+Every configuration's time is printed and recorded.
 
 Usage:
-    .venv/bin/python bench/education_bench.py                   # full run (a GPU is used when present)
-    .venv/bin/python bench/education_bench.py --quick           # a few hundred students, smoke test
-Writes bench/results/education_bench.json and .md.
+    .venv/bin/python bench/education_bench.py --device cuda                 # the GPU run (H200: ~10 min)
+    .venv/bin/python bench/education_bench.py --device cpu --limit 300      # smoke test on CPU (minutes)
+    .venv/bin/python bench/education_bench.py                               # CPU run with the CPU grid
+Writes bench/results/education_bench.json and .md (a `--limit`/`--quick` run: education_bench_smoke.*).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from apps.education.adapters import read_dkvmn, read_pykt  # noqa: E402
+from apps.education.clusters import DEFAULT_MAX_CLUSTERS, domain_of_skill_index, skill_clusters  # noqa: E402
 from apps.education.encode import build_vocabularies, make_windows, to_examples, to_sequences  # noqa: E402
 from apps.education.formats import estimate_multiskill_pairs  # noqa: E402
 from apps.education.predictor import KnowledgeTracer  # noqa: E402
@@ -46,12 +54,38 @@ from core.data import collate  # noqa: E402
 
 logger = logging.getLogger("education_bench")
 TARGET_AUC, STRETCH_AUC = 0.7281, 0.735
+EVAL_BATCH = {"cpu": 64, "cuda": 256}
+
+# GPU grid, in priority order; chosen on the validation fold only. The last row is the single-domain
+# ablation of the MoE skill clusters.
+GPU_GRID: list[dict[str, Any]] = [
+    {"preset": "bench", "learning_rate": 1e-3, "max_clusters": 8},
+    {"preset": "bench", "learning_rate": 2e-3, "max_clusters": 8},
+    {"preset": "small", "learning_rate": 2e-3, "max_clusters": 8},
+    {"preset": "bench", "learning_rate": 1e-3, "max_clusters": 1},
+]
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def windows_examples(frame: pd.DataFrame, items, skills, mode: str) -> list[dict[str, Any]]:
+def windows_examples(
+    frame: pd.DataFrame, items, skills, mode: str, skill_domain=None
+) -> list[dict[str, Any]]:
     seqs = to_sequences(frame, items, skills, on_unknown="unknown")
-    return to_examples(make_windows(seqs, maxlen=200, mode=mode))
+    return to_examples(make_windows(seqs, maxlen=200, mode=mode), skill_domain=skill_domain)
+
+
+def cluster_domains(train: pd.DataFrame, items, skills, params: dict[str, Any]) -> tuple[dict[str, int], Any]:
+    """The skill clusters `KnowledgeTracer.fit` will derive (same inputs, same seed), and the domain id per
+    skill index, so validation windows carry the domain ids the model trains with (None: one domain)."""
+    clusters = skill_clusters(
+        skills,
+        sequences=to_sequences(train, items, skills, on_unknown="unknown"),
+        max_clusters=params.get("max_clusters", DEFAULT_MAX_CLUSTERS),
+        seed=params.get("seed", 0),
+    )
+    if max(clusters.values(), default=0) == 0:
+        return {}, None
+    return clusters, domain_of_skill_index(skills, clusters)
 
 
 @torch.no_grad()
@@ -89,10 +123,16 @@ class BestEpoch(TrainerCallback):
         return control
 
 
-def fit_core(train, valid_examples, device, **params) -> tuple[KnowledgeTracer, BestEpoch, float]:
+def fit_core(train, valid, items, skills, device, **params) -> tuple[KnowledgeTracer, BestEpoch, float]:
+    """Train one configuration, keeping the weights of the epoch with the best validation AUC."""
     start = time.perf_counter()
-    best = BestEpoch(valid_examples, device)
+    clusters, skill_domain = cluster_domains(train, items, skills, params)
+    best = BestEpoch(windows_examples(valid, items, skills, "chunks", skill_domain), device)
     tracer = KnowledgeTracer(device=device, **params).fit(train, callbacks=[best])
+    if tracer.skill_clusters_ != clusters or tracer.skill_vocab_ != skills:
+        raise RuntimeError(
+            "the benchmark's validation encoding differs from the tracer's (clusters/vocabulary)"
+        )
     tracer.model_.load_state_dict(best.best_state)
     tracer.model_.to(device).eval()
     return tracer, best, time.perf_counter() - start
@@ -170,11 +210,13 @@ def subsample(frame: pd.DataFrame, n_students: int | None, seed: int = 0) -> pd.
 
 
 # ------------------------------------------------------------------------------------------ runs
-def run_assist2015(root: Path, device: str, grid: list[dict[str, Any]], dkt_epochs: int, quick: bool) -> dict:
+def run_assist2015(
+    root: Path, device: str, grid: list[dict[str, Any]], dkt_epochs: int, limit: int | None, budget_s: float
+) -> dict:
     folder = root / "assist2015_pykt"
     train_valid = read_pykt(folder / "train_valid.csv").frame
     test = read_pykt(folder / "test.csv").frame
-    n = 400 if quick else None
+    n = limit
     valid = subsample(train_valid[train_valid["fold"] == 0], n and n // 4)
     train = subsample(train_valid[train_valid["fold"] != 0], n)
     test = subsample(test, n and n // 2)
@@ -184,25 +226,36 @@ def run_assist2015(root: Path, device: str, grid: list[dict[str, Any]], dkt_epoc
     test_ex = windows_examples(test, items, skills, "sliding")
     results = []
     chosen = None
-    for params in grid:
-        logger.info("assist2015: core model %s", params)
-        tracer, best, seconds = fit_core(train, valid_ex, device, **params)
+    grid_start = time.perf_counter()
+    for number, params in enumerate(grid, start=1):
+        elapsed = time.perf_counter() - grid_start
+        if results and elapsed + max(r["train_s"] for r in results) > budget_s:
+            logger.info(
+                "assist2015: config %d/%d %s skipped (budget %.0f s)", number, len(grid), params, budget_s
+            )
+            results.append({"params": params, "skipped": f"time budget {budget_s:.0f} s"})
+            continue
+        logger.info("assist2015: config %d/%d %s", number, len(grid), params)
+        tracer, best, seconds = fit_core(train, valid, items, skills, device, **params)
         row = {
             "params": params,
             "valid_auc": best.best_auc,
             "valid_history": best.history,
             "train_s": seconds,
         }
+        logger.info("assist2015: config %d: valid AUC %.4f in %.0f s", number, best.best_auc, seconds)
+        print(f"TIMING assist2015 config {number} {json.dumps(params)}: {seconds:.1f} s", flush=True)
         results.append(row)
         if chosen is None or row["valid_auc"] > chosen[0]["valid_auc"]:
             chosen = (row, tracer)
     row, tracer = chosen
     start = time.perf_counter()
-    test_metrics = tracer.evaluate(test)
+    test_metrics = tracer.evaluate(test, batch_size=EVAL_BATCH[device])
     row = {**row, "test": test_metrics, "test_eval_s": time.perf_counter() - start}
     logger.info("assist2015: core test AUC %.4f", test_metrics["auc"])
     baseline = dkt(train_ex, valid_ex, test_ex, len(items), device, dkt_epochs)
     logger.info("assist2015: DKT test AUC %.4f", baseline["test_auc"])
+    print(f"TIMING assist2015 DKT: {baseline['train_s']:.1f} s", flush=True)
     return {
         "data": {
             "train_students": int(train["user_id"].nunique()),
@@ -218,7 +271,9 @@ def run_assist2015(root: Path, device: str, grid: list[dict[str, Any]], dkt_epoc
     }
 
 
-def run_assist2009(root: Path, device: str, params: dict[str, Any], dkt_epochs: int, quick: bool) -> dict:
+def run_assist2009(
+    root: Path, device: str, params: dict[str, Any], dkt_epochs: int, limit: int | None
+) -> dict:
     folder = root / "assist2009_dkvmn"
     train_path, test_path = folder / "assist2009_updated_train.csv", folder / "assist2009_updated_test.csv"
     full_train = read_dkvmn(train_path, regroup=False).frame
@@ -228,14 +283,19 @@ def run_assist2009(root: Path, device: str, params: dict[str, Any], dkt_epochs: 
     users = train_all["user_id"].drop_duplicates().sample(frac=1.0, random_state=0)
     held = set(users.iloc[: len(users) // 10])
     valid, train = train_all[train_all["user_id"].isin(held)], train_all[~train_all["user_id"].isin(held)]
-    if quick:
-        train, valid, test = subsample(train, 300), subsample(valid, 60), subsample(test, 150)
+    if limit:
+        train, valid, test = (
+            subsample(train, limit),
+            subsample(valid, limit // 5),
+            subsample(test, limit // 2),
+        )
     items, skills = build_vocabularies(train)
     train_ex = windows_examples(train, items, skills, "chunks")
     valid_ex = windows_examples(valid, items, skills, "chunks")
     test_ex = windows_examples(test, items, skills, "sliding")
-    tracer, best, seconds = fit_core(train, valid_ex, device, **params)
-    test_metrics = tracer.evaluate(test)
+    tracer, best, seconds = fit_core(train, valid, items, skills, device, **params)
+    print(f"TIMING assist2009 core {json.dumps(params)}: {seconds:.1f} s", flush=True)
+    test_metrics = tracer.evaluate(test, batch_size=EVAL_BATCH[device])
     baseline = dkt(train_ex, valid_ex, test_ex, len(items), device, dkt_epochs)
     logger.info("assist2009: core %.4f vs DKT %.4f", test_metrics["auc"], baseline["test_auc"])
     return {
@@ -291,6 +351,9 @@ def markdown(report: dict) -> str:
         "|---|---|---|---|",
     ]
     for row in a15["grid"]:
+        if "skipped" in row:
+            lines.append(f"| `{json.dumps(row['params'])}` | skipped ({row['skipped']}) | - | - |")
+            continue
         lines.append(
             f"| `{json.dumps(row['params'])}` | {row['valid_auc']:.4f} | {row['valid_history']} | {row['train_s']:.0f} |"
         )
@@ -303,15 +366,28 @@ def main() -> None:
     )
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data" / "education")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--epochs", type=float, default=10.0, help="Fine-tuning epochs per grid point.")
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available."
+    )
+    parser.add_argument(
+        "--epochs", type=float, default=None, help="Fine-tuning epochs per grid point (cuda 8, cpu 10)."
+    )
     parser.add_argument("--dkt-epochs", type=int, default=10)
-    parser.add_argument("--quick", action="store_true", help="Subsample students (smoke test).")
+    parser.add_argument("--quick", action="store_true", help="Smoke test: --limit 400, one short config.")
+    parser.add_argument("--limit", type=int, default=None, help="Subsample this many training students.")
+    parser.add_argument(
+        "--budget-s", type=float, default=None, help="Grid time budget for 2015 (cuda 330 s, cpu none)."
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--merge", action="store_true", help="Only rebuild the report from the part files.")
     parser.add_argument("--preset", default="bench", help="Model preset of apps/education/config.py.")
     parser.add_argument("--pretrain-epochs", type=float, default=1.0)
     parser.add_argument(
-        "--learning-rates", type=float, nargs="+", default=[1e-3, 3e-3], help="Grid chosen on validation."
+        "--learning-rates",
+        type=float,
+        nargs="+",
+        default=None,
+        help="CPU grid chosen on validation (default 1e-3 3e-3); on cuda GPU_GRID unless given.",
     )
     parser.add_argument(
         "--only", choices=("assist2015", "assist2009"), help="Run one part; merges into the existing report."
@@ -319,15 +395,24 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    epochs = 1.0 if args.quick else args.epochs
-    common = dict(
-        preset=args.preset, pretrain_epochs=0.2 if args.quick else args.pretrain_epochs, task_epochs=epochs
-    )
-    grid = [{**common, "learning_rate": lr} for lr in args.learning_rates]
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    if args.quick:
+        args.limit = args.limit or 400
+    epochs = 1.0 if args.quick else (args.epochs or (8.0 if device == "cuda" else 10.0))
+    common = dict(pretrain_epochs=0.2 if args.quick else args.pretrain_epochs, task_epochs=epochs)
+    if device == "cuda" and args.learning_rates is None:
+        grid = [{**common, **row} for row in GPU_GRID]
+    else:
+        grid = [
+            {**common, "preset": args.preset, "learning_rate": lr}
+            for lr in args.learning_rates or [1e-3, 3e-3]
+        ]
     if args.quick:
         grid = grid[:1]
-    name = "education_bench_quick" if args.quick else "education_bench"
+    budget_s = args.budget_s or (330.0 if device == "cuda" else float("inf"))
+    name = "education_bench_smoke" if args.limit else "education_bench"
     path = args.out / f"{name}.json"
     report: dict[str, Any] = (
         json.loads(path.read_text()) if (args.only or args.merge) and path.is_file() else {}
@@ -336,6 +421,7 @@ def main() -> None:
         device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
         threads=args.threads,
         quick=args.quick,
+        limit=args.limit,
     )
     report.setdefault("seconds", {})
     dkt_epochs = 1 if args.quick else args.dkt_epochs
@@ -350,12 +436,12 @@ def main() -> None:
         args.only = None
     if args.only in (None, "assist2015") and not args.merge:
         start = time.perf_counter()
-        report["assist2015"] = run_assist2015(args.data_root, device, grid, dkt_epochs, args.quick)
+        report["assist2015"] = run_assist2015(args.data_root, device, grid, dkt_epochs, args.limit, budget_s)
         report["seconds"]["assist2015"] = round(time.perf_counter() - start, 1)
     if args.only in (None, "assist2009") and not args.merge:
         start = time.perf_counter()
         params = report["assist2015"]["chosen"]["params"] if "assist2015" in report else grid[0]
-        report["assist2009"] = run_assist2009(args.data_root, device, params, dkt_epochs, args.quick)
+        report["assist2009"] = run_assist2009(args.data_root, device, params, dkt_epochs, args.limit)
         report["seconds"]["assist2009"] = round(time.perf_counter() - start, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.only:  # each part is also kept on its own, so `--merge` can rebuild the report from the parts

@@ -30,6 +30,10 @@ FormatOption = Annotated[
     str, typer.Option("--format", help="Input format: canonical, pykt, dkvmn or assistments.")
 ]
 ModelOption = Annotated[Path, typer.Option("--model", help="Model directory written by `train`.")]
+DomainOption = Annotated[
+    Optional[str],
+    typer.Option("--domain", help="With a suite model directory: the part to load (this app's name)."),
+]
 OnInvalidOption = Annotated[
     str,
     typer.Option(
@@ -108,11 +112,16 @@ def train(
     on_invalid: OnInvalidOption = "raise",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     register: Annotated[bool, typer.Option(help="Record the run in the database.")] = True,
+    graph: Annotated[
+        Optional[Path],
+        typer.Option("--graph", help="Prerequisite CSV: skill clusters (MoE domains) follow its topics."),
+    ] = None,
 ) -> None:
     """Train a knowledge tracer (masked-field pretraining, then next-step fine-tuning)."""
     import numpy as np
 
     from apps.education.predictor import KnowledgeTracer
+    from apps.education.service import load_graph
 
     if not 0.0 <= validation_share < 1.0:
         raise typer.BadParameter("expected a share in [0, 1)", param_hint="--validation-share")
@@ -123,7 +132,7 @@ def train(
     train_rows = frame[~frame["user_id"].isin(held)]
     tracer = KnowledgeTracer(
         preset, task_epochs=epochs, pretrain_epochs=pretrain_epochs, max_steps=max_steps, seed=seed
-    ).fit(train_rows)
+    ).fit(train_rows, graph=load_graph(graph) if graph else None)
     metrics = {}
     if held:
         metrics = {f"valid_{k}": v for k, v in tracer.evaluate(frame[frame["user_id"].isin(held)]).items()}
@@ -161,9 +170,13 @@ def evaluate(
     data: DataOption,
     format: FormatOption = "canonical",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+    domain: DomainOption = None,
 ) -> None:
     """AUC and accuracy under pyKT's protocol (windows of the model's length, sliding window)."""
     from apps.education.predictor import KnowledgeTracer
+    from core.train import resolve_model_dir
+
+    model = resolve_model_dir(model, domain)
 
     _check_format(format)
     tracer = KnowledgeTracer.load(model)
@@ -186,10 +199,14 @@ def predict(
     unknown: Annotated[
         bool, typer.Option("--map-unknown", help="Map ids unseen in training to the unknown bucket.")
     ] = False,
+    domain: DomainOption = None,
 ) -> None:
     """Write P(correct) of every answer, each predicted before its response was seen."""
     from apps.education.predictor import KnowledgeTracer
     from apps.education.service import write_atomic_csv
+    from core.train import resolve_model_dir
+
+    model = resolve_model_dir(model, domain)
 
     _check_format(format)
     tracer = KnowledgeTracer.load(model)
@@ -209,12 +226,16 @@ def recommend(
     k: Annotated[int, typer.Option("--k", help="Number of exercises.")] = 5,
     format: FormatOption = "canonical",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+    domain: DomainOption = None,
 ) -> None:
     """Knowledge gaps and the next k exercises for one student, each with a reason."""
     from apps.education.predictor import KnowledgeTracer
     from apps.education.service import knowledge_gaps, load_graph
     from apps.education.service import recommend as recommend_items
     from core.errors import InputValidationError
+    from core.train import resolve_model_dir
+
+    model = resolve_model_dir(model, domain)
 
     _check_format(format)
     if k < 1:

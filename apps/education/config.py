@@ -30,6 +30,14 @@ START_INDEX = 1
 MASTERY_THRESHOLD = 0.7
 """Predicted mastery at which a skill counts as mastered (prerequisite checks, gaps)."""
 
+PREREQUISITE_THRESHOLD = 0.75
+"""Predicted mastery every prerequisite of a recommended skill needs: a margin above MASTERY_THRESHOLD,
+because predicted mastery is an estimate (bench/education_recommend_bench.py measures how often the true
+state of a prerequisite was still unmastered)."""
+
+RECENT_PRACTICE = 3
+"""Recommendations prefer skills practised less often among this many last answers (interleaving)."""
+
 TARGET_BAND: tuple[float, float] = (0.6, 0.8)
 """Predicted success of a recommended item: hard enough to learn from, easy enough to succeed."""
 

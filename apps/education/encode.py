@@ -204,7 +204,9 @@ def make_windows(
     )
 
 
-def to_examples(windows: SequenceWindows, *, score_first: bool = False) -> list[dict[str, np.ndarray]]:
+def to_examples(
+    windows: SequenceWindows, *, score_first: bool = False, skill_domain: np.ndarray | None = None
+) -> list[dict[str, np.ndarray]]:
     """Turn windows into `core` examples for the causal next-step model.
 
     Each example is a start token followed by the window's answers (T = answers + 1 tokens). Token j
@@ -219,10 +221,13 @@ def to_examples(windows: SequenceWindows, *, score_first: bool = False) -> list[
         windows: Output of `make_windows`.
         score_first: Also score the first answer of a window that starts at a student's first answer
             (predicted from the start token alone); pyKT's protocol does not score it.
+        skill_domain: Domain id per skill vocabulary index (`clusters.domain_of_skill_index`); when
+            given, each token gets its skill's domain in `domain_ids` (the start token domain 0).
 
     Returns:
         One example per window (see `core.data`): `categorical` {item, skill, interaction, response} of
-        shape (T,), `time_delta` (T,) seconds, `next_item_ids` (T,), `next_labels` (T,) float (-1 ignored).
+        shape (T,), `time_delta` (T,) seconds, `next_item_ids` (T,), `next_labels` (T,) float (-1 ignored),
+        and `domain_ids` (T,) when `skill_domain` is given.
     """
     from apps.education.config import START_INDEX
 
@@ -236,17 +241,18 @@ def to_examples(windows: SequenceWindows, *, score_first: bool = False) -> list[
         elapsed = np.nan_to_num(windows.elapsed_s[w, :n], nan=0.0)
         start = np.array([START_INDEX], dtype=np.int64)
         labels = np.where(targets[w, :n], correct, -1).astype(np.float32)
-        examples.append(
-            {
-                "categorical": {
-                    "item": np.concatenate([start, items]),
-                    "skill": np.concatenate([start, skills]),
-                    "interaction": np.concatenate([start, 2 * skills + correct]),
-                    "response": np.concatenate([start, 2 + correct]),
-                },
-                "time_delta": np.concatenate([[0.0], elapsed]).astype(np.float32),
-                "next_item_ids": np.concatenate([items, [PAD_INDEX]]).astype(np.int64),
-                "next_labels": np.concatenate([labels, [-1.0]]).astype(np.float32),
-            }
-        )
+        example = {
+            "categorical": {
+                "item": np.concatenate([start, items]),
+                "skill": np.concatenate([start, skills]),
+                "interaction": np.concatenate([start, 2 * skills + correct]),
+                "response": np.concatenate([start, 2 + correct]),
+            },
+            "time_delta": np.concatenate([[0.0], elapsed]).astype(np.float32),
+            "next_item_ids": np.concatenate([items, [PAD_INDEX]]).astype(np.int64),
+            "next_labels": np.concatenate([labels, [-1.0]]).astype(np.float32),
+        }
+        if skill_domain is not None:
+            example["domain_ids"] = np.concatenate([[0], skill_domain[skills]]).astype(np.int64)
+        examples.append(example)
     return examples

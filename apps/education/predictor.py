@@ -12,12 +12,18 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import pandas as pd
 import torch
 
+from apps.education.clusters import (
+    DEFAULT_MAX_CLUSTERS,
+    domain_names,
+    domain_of_skill_index,
+    skill_clusters,
+)
 from apps.education.config import TRAINING, knowledge_tracing_config
 from apps.education.encode import (
     PYKT_MAXLEN,
@@ -35,6 +41,10 @@ from apps.education.schema import (
 )
 from core.data import collate
 from core.errors import ConfigError, InputValidationError, NotFittedError
+
+if TYPE_CHECKING:
+    from apps.education.graph import PrerequisiteGraph
+    from core.train import TrainingPlan
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +88,9 @@ class KnowledgeTracer:
         seed: Seeds training.
         device: Where inference runs (`"cpu"`, `"cuda"`); training uses what `transformers` picks.
         config_overrides: `CoreConfig` fields replacing the preset's (e.g. `{"hidden_size": 32}`).
+        max_clusters: MoE domains: skills are grouped into at most this many clusters (from the
+            prerequisite graph given to `fit`, else from co-occurrence in the logs) and every token
+            carries its skill's cluster as its domain id; 1 gives a single domain.
     """
 
     def __init__(
@@ -93,6 +106,7 @@ class KnowledgeTracer:
         seed: int = 0,
         device: str = "cpu",
         config_overrides: Optional[dict[str, Any]] = None,
+        max_clusters: int = DEFAULT_MAX_CLUSTERS,
     ) -> None:
         self.preset = preset
         self.maxlen = maxlen
@@ -104,25 +118,28 @@ class KnowledgeTracer:
         self.seed = seed
         self.device = device
         self.config_overrides = config_overrides
+        self.max_clusters = max_clusters
 
     # ------------------------------------------------------------------ training
     def fit(
         self,
         frame: pd.DataFrame,
         *,
+        graph: Optional[PrerequisiteGraph] = None,
         output_dir: Optional[str | Path] = None,
         callbacks: Sequence[Any] = (),
     ) -> KnowledgeTracer:
-        """Learn vocabularies and train the model on canonical interactions.
+        """Learn vocabularies and skill clusters, and train the model on canonical interactions.
 
         Args:
             frame: Canonical interaction table (training students only).
+            graph: Prerequisite graph for the skill clusters (MoE domains); None clusters by co-occurrence.
             output_dir: Trainer working folder (logs); a temporary folder when None.
             callbacks: Extra `transformers.TrainerCallback`s.
 
         Returns:
             self, with `model_`, `item_vocab_`, `skill_vocab_`, `item_skill_`, `skill_names_`,
-            `train_metrics_` and `data_fingerprint_` set.
+            `skill_clusters_`, `train_metrics_` and `data_fingerprint_` set.
 
         Raises:
             ConfigError: Unknown preset or invalid settings.
@@ -131,31 +148,16 @@ class KnowledgeTracer:
         import tempfile
 
         from core.model import CoreModel
-        from core.train import ExampleDataset, default_training_args, fingerprint, fit_two_stage
+        from core.train import ExampleDataset, default_training_args, fit_two_stage
 
-        if self.preset not in TRAINING:
-            raise ConfigError(f"unknown preset {self.preset!r}; expected one of {sorted(TRAINING)}.")
-        if self.maxlen < 2:
-            raise ConfigError(f"maxlen must be at least 2; got {self.maxlen}.")
-        plan = TRAINING[self.preset]
-        item_vocab, skill_vocab = build_vocabularies(frame)
-        sequences = to_sequences(frame, item_vocab, skill_vocab)
-        windows = make_windows(sequences, maxlen=self.maxlen, mode="chunks")
-        if len(windows) == 0:
-            raise InputValidationError(
-                f"training data: no student has at least 3 answers ({len(frame)} rows, "
-                f"{frame['user_id'].nunique()} students); knowledge tracing needs answer histories."
-            )
-        examples = to_examples(windows, score_first=True)
-        config = knowledge_tracing_config(
-            len(item_vocab), len(skill_vocab), preset=self.preset, **(self.config_overrides or {})
-        )
+        plan = self.prepare_fit(frame, graph=graph)
+        training = TRAINING[self.preset]
         torch.manual_seed(self.seed)
-        model = CoreModel(config)
-        pretrain_epochs = plan.pretrain_epochs if self.pretrain_epochs is None else self.pretrain_epochs
+        model = CoreModel(plan.config)
+        pretrain_epochs = training.pretrain_epochs if self.pretrain_epochs is None else self.pretrain_epochs
         common = dict(
-            learning_rate=plan.learning_rate if self.learning_rate is None else self.learning_rate,
-            batch_size=plan.batch_size if self.batch_size is None else self.batch_size,
+            learning_rate=training.learning_rate if self.learning_rate is None else self.learning_rate,
+            batch_size=training.batch_size if self.batch_size is None else self.batch_size,
             seed=self.seed,
             max_steps=self.max_steps,
             logging_steps=50,
@@ -164,26 +166,108 @@ class KnowledgeTracer:
             work = Path(output_dir) if output_dir is not None else Path(scratch)
             metrics = fit_two_stage(
                 model,
-                ExampleDataset(examples),
+                ExampleDataset(plan.task_examples),
                 work,
-                pretrain_dataset=ExampleDataset(examples) if pretrain_epochs > 0 else None,
+                pretrain_dataset=ExampleDataset(plan.pretrain_examples) if pretrain_epochs > 0 else None,
                 pretrain_args=default_training_args(work / "pretrain", epochs=pretrain_epochs, **common),
                 task_args=default_training_args(
                     work / "task",
-                    epochs=plan.task_epochs if self.task_epochs is None else self.task_epochs,
+                    epochs=training.task_epochs if self.task_epochs is None else self.task_epochs,
                     **common,
                 ),
                 callbacks=callbacks,
                 seed=self.seed,
             )
+        return self.finish_fit(model, plan, metrics)
+
+    def prepare_fit(
+        self,
+        frame: pd.DataFrame,
+        *,
+        graph: Optional[PrerequisiteGraph] = None,
+        config_overrides: Optional[dict[str, Any]] = None,
+    ) -> TrainingPlan:
+        """The first half of `fit`: vocabularies, skill clusters, training windows and the config.
+
+        `fit` is `prepare_fit`, two-stage training of `CoreModel(plan.config)`, then `finish_fit`; another
+        trainer (the suite's joint training) can train the model in between.
+
+        Args:
+            frame, graph: as in `fit`.
+            config_overrides: CoreConfig fields replacing the preset's, on top of `self.config_overrides`
+                (e.g. a suite's shared trunk).
+
+        Returns:
+            The `TrainingPlan` (task and pretraining examples are the training windows).
+
+        Raises:
+            ConfigError: Unknown preset or invalid settings.
+            InputValidationError: No student has at least 3 answers.
+        """
+        from core.train import TrainingPlan
+
+        if self.preset not in TRAINING:
+            raise ConfigError(f"unknown preset {self.preset!r}; expected one of {sorted(TRAINING)}.")
+        if self.maxlen < 2:
+            raise ConfigError(f"maxlen must be at least 2; got {self.maxlen}.")
+        item_vocab, skill_vocab = build_vocabularies(frame)
+        sequences = to_sequences(frame, item_vocab, skill_vocab)
+        windows = make_windows(sequences, maxlen=self.maxlen, mode="chunks")
+        if len(windows) == 0:
+            raise InputValidationError(
+                f"training data: no student has at least 3 answers ({len(frame)} rows, "
+                f"{frame['user_id'].nunique()} students); knowledge tracing needs answer histories."
+            )
+        clusters = skill_clusters(
+            skill_vocab, sequences=sequences, graph=graph, max_clusters=self.max_clusters, seed=self.seed
+        )
+        n_clusters = max(clusters.values(), default=0) + 1
+        if n_clusters == 1:  # one cluster: a single-domain model without domain ids
+            clusters = {}
+        skill_domain = domain_of_skill_index(skill_vocab, clusters) if clusters else None
+        examples = to_examples(windows, score_first=True, skill_domain=skill_domain)
+        config = knowledge_tracing_config(
+            len(item_vocab),
+            len(skill_vocab),
+            preset=self.preset,
+            **{
+                **({"domains": domain_names(n_clusters)} if clusters else {}),
+                **(self.config_overrides or {}),
+                **(config_overrides or {}),
+            },
+        )
+        context = dict(frame=frame, item_vocab=item_vocab, skill_vocab=skill_vocab, clusters=clusters)
+        return TrainingPlan(config, examples, examples, context)
+
+    def finish_fit(
+        self, model: Any, plan: TrainingPlan, training_metrics: Optional[dict[str, Any]] = None
+    ) -> KnowledgeTracer:
+        """The second half of `fit`: keep the trained model and the vocabularies it was trained with.
+
+        Args:
+            model: the trained `CoreModel`.
+            plan: the plan `prepare_fit` returned.
+            training_metrics: {stage: metrics} of the training stages, kept as `train_metrics_`.
+
+        Returns:
+            self, fitted.
+        """
+        from core.train import fingerprint
+
+        frame, item_vocab, skill_vocab = (
+            plan.context["frame"],
+            plan.context["item_vocab"],
+            plan.context["skill_vocab"],
+        )
         self.model_ = model.to(self.device).eval()
         self.item_vocab_ = item_vocab
         self.skill_vocab_ = skill_vocab
         self.item_skill_ = _item_skills(frame, item_vocab, skill_vocab)
         self.skill_names_ = _skill_names(frame)
+        self.skill_clusters_ = plan.context["clusters"]
         self.train_metrics_ = {
             stage: {k: float(v) for k, v in values.items() if isinstance(v, int | float)}
-            for stage, values in metrics.items()
+            for stage, values in (training_metrics or {}).items()
         }
         self.data_fingerprint_ = fingerprint(
             pd.util.hash_pandas_object(frame[["user_id", "item_id", "skill_id", "correct"]], index=False)
@@ -207,6 +291,7 @@ class KnowledgeTracer:
             "skill_vocab": self.skill_vocab_.to_dict(),
             "item_skill": self.item_skill_.tolist(),
             "skill_names": self.skill_names_,
+            "skill_clusters": self.skill_clusters_,
             "data_fingerprint": self.data_fingerprint_,
             "train_metrics": self.train_metrics_,
         }
@@ -235,6 +320,7 @@ class KnowledgeTracer:
         tracer.skill_vocab_ = Vocabulary.from_dict(meta["skill_vocab"])
         tracer.item_skill_ = np.asarray(meta["item_skill"], dtype=np.int64)
         tracer.skill_names_ = dict(meta["skill_names"])
+        tracer.skill_clusters_ = {str(k): int(v) for k, v in meta.get("skill_clusters", {}).items()}
         tracer.data_fingerprint_ = meta["data_fingerprint"]
         tracer.train_metrics_ = meta.get("train_metrics", {})
         return tracer
@@ -265,7 +351,7 @@ class KnowledgeTracer:
         self._check_fitted()
         sequences = to_sequences(frame, self.item_vocab_, self.skill_vocab_, on_unknown=on_unknown)
         windows = make_windows(sequences, maxlen=self.maxlen, mode="sliding", min_length=1)
-        examples = to_examples(windows, score_first=True)
+        examples = to_examples(windows, score_first=True, skill_domain=self._skill_domain())
         probs = self._window_probabilities(examples, batch_size=batch_size)
         student, position, p = [], [], []
         for w, (example, prob) in enumerate(zip(examples, probs, strict=True)):
@@ -313,7 +399,7 @@ class KnowledgeTracer:
         self._check_fitted()
         sequences = to_sequences(frame, self.item_vocab_, self.skill_vocab_, on_unknown=on_unknown)
         windows = make_windows(sequences, maxlen=self.maxlen, mode="sliding")
-        examples = to_examples(windows)
+        examples = to_examples(windows, skill_domain=self._skill_domain())
         probs = self._window_probabilities(examples, batch_size=batch_size)
         y_true = np.concatenate([e["next_labels"][e["next_labels"] >= 0] for e in examples] or [[]])
         y_prob = np.concatenate(
@@ -368,18 +454,13 @@ class KnowledgeTracer:
         Returns:
             students (rows, `user_id` in order of first appearance) x skills (columns, `skill_id`).
         """
-        self._check_fitted()
-        states = self._states(frame, on_unknown=on_unknown, with_attention=False)
-        if not states:
-            return pd.DataFrame(columns=pd.Index(self.skill_vocab_.tokens, name="skill_id"))
-        matrix = np.stack([item_p.to_numpy() for _, item_p, _ in states])
-        users = [str(history["user_id"].iloc[0]) for history, _, _ in states]
-        table = pd.DataFrame(
-            [m.to_numpy() for m in self._skill_mastery(matrix)],
-            index=pd.Index(users, name="user_id"),
+        item_p = self.item_probabilities(frame, on_unknown=on_unknown)
+        return pd.DataFrame(
+            self.skill_mastery_matrix(item_p.to_numpy()) if len(item_p) else None,
+            index=item_p.index,
             columns=pd.Index(self.skill_vocab_.tokens, name="skill_id"),
+            dtype=np.float64,
         )
-        return table
 
     def skill_of_item(self) -> pd.Series:
         """The (first) skill of every known item, indexed by `item_id`."""
@@ -413,7 +494,70 @@ class KnowledgeTracer:
                 out[index] = probs[row, : len(examples[index]["next_item_ids"])]
         return out
 
+    def item_probabilities(self, frame: pd.DataFrame, *, on_unknown: OnUnknown = "raise") -> pd.DataFrame:
+        """P(correct) on every known item for the next answer of every student in `frame`, batched.
+
+        One forward pass per 64 students over their last `maxlen - 1` answers; no per-student pandas work,
+        so it suits simulations that step many students at once.
+
+        Returns:
+            students (rows, `user_id` in order of first appearance) x items (columns, `item_id`).
+        """
+        self._check_fitted()
+        columns = pd.Index(self.item_vocab_.tokens, name="item_id")
+        if frame.empty:
+            return pd.DataFrame(columns=columns, dtype=np.float64)
+        sequences = to_sequences(frame, self.item_vocab_, self.skill_vocab_, on_unknown=on_unknown)
+        last = _last_windows(sequences, self.maxlen - 1)
+        probs, _ = self._last_state(last, with_attention=False)
+        users = pd.Index(sequences.user_ids[last.student], name="user_id")
+        return pd.DataFrame(probs, index=users, columns=columns)
+
+    def skill_mastery_matrix(self, item_p: np.ndarray) -> np.ndarray:
+        """(S, n_known_items) item probabilities -> (S, n_known_skills) mastery, columns `skill_vocab_.tokens`.
+
+        Mastery of a skill is the mean P(correct) over its items; a skill with no item of its own (only
+        ever a second skill) reads the mean over all skills.
+        """
+        self._check_fitted()
+        n_skills = len(self.skill_vocab_)
+        skill_of = self.item_skill_[2:]
+        onehot = np.zeros((len(skill_of), n_skills))
+        onehot[np.arange(len(skill_of)), skill_of] = 1.0
+        counts = onehot.sum(axis=0)
+        means = (np.asarray(item_p) @ onehot) / np.maximum(counts, 1.0)  # (S, n_skills)
+        fallback = means[:, 2:].mean(axis=1, keepdims=True) if n_skills > 2 else np.zeros((len(means), 1))
+        return np.where(counts[None, 2:] > 0, means[:, 2:], fallback)
+
     @torch.no_grad()
+    def _last_state(
+        self, last: SequenceWindows, *, with_attention: bool, batch_size: int = 64
+    ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """Item P(correct) after each window's last answer, (W, n_known_items), and, on request, that
+        state's attention over the window's tokens (mean over layers and heads), (W, L + 1)."""
+        examples = to_examples(last, skill_domain=self._skill_domain())
+        item_ids = torch.arange(len(self.item_vocab_), device=self.device)
+        probs, focus = [], []
+        for lo in range(0, len(examples), batch_size):
+            chunk = examples[lo : lo + batch_size]
+            batch = collate(chunk).to(self.device)
+            output = self.model_(**batch.to_dict(), output_attentions=with_attention)
+            ends = batch.attention_mask.sum(dim=1) - 1  # (B,) last real token
+            rows = torch.arange(len(chunk), device=self.device)
+            hidden = output.hidden_states[rows, ends]  # (B, hidden)
+            logits = self.model_.next_step(
+                hidden[:, None, :].expand(-1, len(item_ids), -1),  # (B, n_items, hidden)
+                item_ids[None, :].expand(len(chunk), -1),  # (B, n_items)
+            )  # (B, n_items)
+            probs.append(torch.sigmoid(logits.float())[:, 2:].cpu().numpy())
+            if with_attention:
+                # (layers, B, H, T, T) -> the last token's attention, mean over layers and heads: (B, T)
+                weights = torch.stack([t.attention_weights for t in output.attentions], dim=1).float()
+                part = weights[rows, :, :, ends, :].mean(dim=(1, 2)).cpu().numpy()
+                width = last.position.shape[1] + 1
+                focus.append(np.pad(part, ((0, 0), (0, width - part.shape[1]))))
+        return np.concatenate(probs), (np.concatenate(focus) if with_attention else None)
+
     def _states(
         self, frame: pd.DataFrame, *, on_unknown: OnUnknown, with_attention: bool
     ) -> list[tuple[pd.DataFrame, pd.Series, np.ndarray]]:
@@ -422,40 +566,20 @@ class KnowledgeTracer:
             return []
         sequences = to_sequences(frame, self.item_vocab_, self.skill_vocab_, on_unknown=on_unknown)
         keep = self.maxlen - 1
-        lengths = sequences.lengths
         last = _last_windows(sequences, keep)
-        final = np.arange(len(last))
-        examples = to_examples(last)
-        indexed = frame.set_index("source_row")
-        item_ids = torch.arange(len(self.item_vocab_), device=self.device)
+        probs, focus = self._last_state(last, with_attention=with_attention)
+        source_rows = frame["source_row"].to_numpy()
+        position_of = pd.Series(np.arange(len(frame)), index=source_rows)
+        items = pd.Index(self.item_vocab_.tokens, name="item_id")
         results = []
-        for lo in range(0, len(examples), 32):
-            chunk = examples[lo : lo + 32]
-            batch = collate(chunk).to(self.device)
-            output = self.model_(**batch.to_dict(), output_attentions=with_attention)
-            ends = batch.attention_mask.sum(dim=1) - 1  # (B,) last real token
-            rows = torch.arange(len(chunk), device=self.device)
-            hidden = output.hidden_states[rows, ends]  # (B, hidden)
-            n_items = len(item_ids)
-            logits = self.model_.next_step(
-                hidden[:, None, :].expand(-1, n_items, -1),  # (B, n_items, hidden)
-                item_ids[None, :].expand(len(chunk), -1),  # (B, n_items)
-            )  # (B, n_items)
-            probs = torch.sigmoid(logits.float()).cpu().numpy()
-            if with_attention:
-                # (layers, B, H, T, T) -> the last token's attention, mean over layers and heads: (B, T)
-                weights = torch.stack([t.attention_weights for t in output.attentions], dim=1).float()
-                focus = weights[rows, :, :, ends, :].mean(dim=(1, 2)).cpu().numpy()  # (B, T)
-            for row in range(len(chunk)):
-                w = final[lo + row]
-                student = last.student[w]
-                n = int(min(lengths[student], keep))
-                positions = last.position[w, :n]
-                flat = sequences.offsets[student] + positions
-                history = indexed.loc[sequences.source_row[flat]].reset_index()
-                item_p = pd.Series(probs[row, 2:], index=pd.Index(self.item_vocab_.tokens, name="item_id"))
-                attention = focus[row, 1 : n + 1] if with_attention else np.zeros(n)
-                results.append((history, item_p, attention))
+        for w, student in enumerate(last.student):
+            n = int(min(sequences.lengths[student], keep))
+            flat = sequences.offsets[student] + last.position[w, :n]
+            history = frame.iloc[position_of.loc[sequences.source_row[flat]].to_numpy()].reset_index(
+                drop=True
+            )
+            attention = focus[w, 1 : n + 1] if focus is not None else np.zeros(n)
+            results.append((history, pd.Series(probs[w], index=items), attention))
         return results
 
     @torch.no_grad()
@@ -477,17 +601,13 @@ class KnowledgeTracer:
 
     def _skill_mastery(self, item_p: np.ndarray) -> list[pd.Series]:
         """(S, n_known_items) item probabilities -> per-skill means, one Series per student."""
-        n_skills = len(self.skill_vocab_)
-        skill_of = self.item_skill_[2:]
-        onehot = np.zeros((len(skill_of), n_skills))
-        onehot[np.arange(len(skill_of)), skill_of] = 1.0
-        counts = onehot.sum(axis=0)
-        means = (item_p @ onehot) / np.maximum(counts, 1.0)  # (S, n_skills)
-        # A skill with no item of its own (only ever a second skill) reads the items that list it.
         index = pd.Index(self.skill_vocab_.tokens, name="skill_id")
-        fallback = means[:, 2:].mean(axis=1, keepdims=True) if n_skills > 2 else np.zeros((len(means), 1))
-        values = np.where(counts[None, 2:] > 0, means[:, 2:], fallback)
-        return [pd.Series(row, index=index, name="mastery") for row in values]
+        return [pd.Series(row, index=index, name="mastery") for row in self.skill_mastery_matrix(item_p)]
+
+    def _skill_domain(self) -> Optional[np.ndarray]:
+        """Domain id per skill vocabulary index, or None for a single-domain model (no domain ids)."""
+        clusters = getattr(self, "skill_clusters_", {})
+        return domain_of_skill_index(self.skill_vocab_, clusters) if clusters else None
 
 
 def _last_windows(sequences: StudentSequences, keep: int) -> SequenceWindows:

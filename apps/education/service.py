@@ -17,8 +17,14 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import pandas as pd
 
-from apps.education.config import MASTERY_THRESHOLD, TARGET_BAND
+from apps.education.config import (
+    MASTERY_THRESHOLD,
+    PREREQUISITE_THRESHOLD,
+    RECENT_PRACTICE,
+    TARGET_BAND,
+)
 from apps.education.graph import PrerequisiteGraph, read_prerequisite_csv
+from apps.education.recommender import SkillIndex, rank_items, recent_practice
 from core.errors import ConfigError, InputValidationError
 
 if TYPE_CHECKING:
@@ -114,8 +120,8 @@ def _check_band(band: tuple[float, float]) -> None:
 
 
 def _recent_skills(state: StudentState) -> list[str]:
-    skills = state.history["skill_id"].astype(str).tail(RECENT_ANSWERS).str.split("|").explode()
-    return list(dict.fromkeys(skills[::-1]))
+    cells = state.history["skill_id"].to_numpy()[-RECENT_ANSWERS:][::-1]  # newest first
+    return list(dict.fromkeys(skill for cell in cells for skill in str(cell).split("|")))
 
 
 def knowledge_gaps(
@@ -153,13 +159,14 @@ def knowledge_gaps(
             blocks.setdefault(skill, []).append(target)
     # Attention of the latest state on recent wrong answers, credited to their skill and its prerequisites.
     tie: dict[str, float] = {}
-    history = state.history.reset_index(drop=True)
-    recent = history.tail(RECENT_ANSWERS)
-    for index, row in recent.iterrows():
-        if int(row["correct"]) == 1 or index >= len(state.attention):
+    n = len(state.history)
+    cells = state.history["skill_id"].to_numpy()
+    correct = state.history["correct"].to_numpy()
+    for index in range(max(n - RECENT_ANSWERS, 0), n):
+        if int(correct[index]) == 1 or index >= len(state.attention):
             continue
         weight = float(state.attention[index])
-        for skill in str(row["skill_id"]).split("|"):
+        for skill in str(cells[index]).split("|"):
             credited = [skill]
             if graph is not None and skill in graph:
                 credited += graph.ancestors(skill)
@@ -201,13 +208,16 @@ def recommend(
     band: tuple[float, float] = TARGET_BAND,
     threshold: float = MASTERY_THRESHOLD,
     gaps: Optional[list[KnowledgeGap]] = None,
+    index: Optional[SkillIndex] = None,
 ) -> list[Recommendation]:
     """The next `k` exercises for a student.
 
     Candidates are items with predicted success inside `band` whose skill has every prerequisite
-    mastered (predicted mastery >= `threshold`). Gap skills come first, then items closest to the
-    band's centre; at most two items per skill, and the student's last item is not repeated. Fewer
-    than `k` come back when fewer items qualify.
+    mastered (predicted mastery >= `PREREQUISITE_THRESHOLD`, at least `threshold`). Gap skills come
+    first, then other skills tied to the gaps' targets, then the rest; within each, skills practised
+    less in the last answers, the most urgent gap or least mastered skill, and items closest to the
+    band's centre; at most two items per skill, and the student's last item is not repeated. Fewer than
+    `k` come back when fewer items qualify (`recommender.rank_items` holds the rule).
 
     Args:
         tracer: The fitted model.
@@ -215,8 +225,9 @@ def recommend(
         graph: Prerequisite graph; None applies no prerequisite rule.
         k: How many exercises.
         band: (low, high) predicted success.
-        threshold: Mastery at which a prerequisite counts as mastered.
+        threshold: Mastery below which a skill is a gap; prerequisites need at least this.
         gaps: Precomputed `knowledge_gaps` (computed when None).
+        index: `SkillIndex.build(tracer, graph)`, to reuse across students (built when None).
 
     Returns:
         Up to `k` recommendations, best first.
@@ -228,36 +239,44 @@ def recommend(
         raise ConfigError(f"k must be at least 1; got {k}.")
     _check_band(band)
     gaps = knowledge_gaps(tracer, state, graph, threshold=threshold) if gaps is None else gaps
-    gap_rank = {g.skill_id: i for i, g in enumerate(gaps)}
-    mastery = state.mastery
-    skill_of = tracer.skill_of_item()
-    candidates = pd.DataFrame({"skill_id": skill_of, "p": state.item_p.reindex(skill_of.index)})
-    candidates = candidates[(candidates["p"] >= band[0]) & (candidates["p"] <= band[1])]
+    index = SkillIndex.build(tracer, graph) if index is None else index
+    mastery = state.mastery.reindex(index.skills).to_numpy(dtype=np.float64)[None]  # (1, K)
+    urgency = np.full(mastery.shape, np.nan)
+    positions = index.skills.get_indexer([g.skill_id for g in gaps])
+    urgency[0, positions[positions >= 0]] = [g.score for g, p in zip(gaps, positions, strict=True) if p >= 0]
+    last = -1
     if not state.history.empty:
-        candidates = candidates.drop(index=str(state.history["item_id"].iloc[-1]), errors="ignore")
-    ready: dict[str, bool] = {}
-    for skill in candidates["skill_id"].unique():
-        unmet = []
-        if graph is not None and skill in graph:
-            unmet = [p for p in graph.prerequisites(skill) if float(mastery.get(p, 0.0)) < threshold]
-        ready[skill] = not unmet
-    candidates = candidates[candidates["skill_id"].map(ready).astype(bool)]
-    centre = (band[0] + band[1]) / 2
-    candidates = candidates.assign(
-        gap=candidates["skill_id"].map(gap_rank).fillna(len(gap_rank)),
-        distance=(candidates["p"] - centre).abs(),
-    ).sort_values(["gap", "distance"], kind="stable")
-    chosen: list[Recommendation] = []
-    per_skill: dict[str, int] = {}
-    for item_id, row in candidates.iterrows():
-        skill = str(row["skill_id"])
-        if per_skill.get(skill, 0) >= 2:
-            continue
-        per_skill[skill] = per_skill.get(skill, 0) + 1
-        chosen.append(_recommendation(tracer, str(item_id), skill, float(row["p"]), state, graph, gaps, band))
-        if len(chosen) == k:
-            break
-    return chosen
+        last = int(index.items.get_indexer([str(state.history["item_id"].iloc[-1])])[0])
+    targets = np.zeros(mastery.shape, dtype=bool)
+    blocked = index.skills.get_indexer([t for g in gaps for t in g.blocks])
+    targets[0, blocked[blocked >= 0]] = True
+    answered = state.history["skill_id"].astype(str).str.split("|").str[0].tail(RECENT_PRACTICE)
+    item_p = state.item_p.reindex(index.items).to_numpy(dtype=np.float64)  # (I,)
+    chosen = rank_items(
+        item_p[None],
+        mastery,
+        index,
+        gaps=urgency,
+        band=band,
+        prerequisite_threshold=max(threshold, PREREQUISITE_THRESHOLD),
+        k=k,
+        last_item=np.array([last]),
+        relevant=index.relevant(targets) if targets.any() else None,
+        recent=recent_practice(index.skills.get_indexer(answered)[None], len(index.skills), RECENT_PRACTICE),
+    )[0]
+    return [
+        _recommendation(
+            tracer,
+            str(index.items[i]),
+            str(index.skills[index.item_skill[i]]),
+            float(item_p[i]),
+            state,
+            graph,
+            gaps,
+            band,
+        )
+        for i in chosen[chosen >= 0]
+    ]
 
 
 def _recommendation(
@@ -342,6 +361,8 @@ def session_change(tracer: KnowledgeTracer, frame: pd.DataFrame, user_id: str) -
 
 DEMO_STUDENTS = 240
 DEMO_HELD_OUT = 40
+DEMO_ASSIGNED_STUDENTS = 3  # students the demo assigns exercises to
+DEMO_ASSIGN_SEARCH = 40  # ... among the first this many
 
 
 def demo_paths(home: Path) -> dict[str, Path]:
@@ -413,11 +434,18 @@ def demo(home: Path, session_factory: sessionmaker[Session], console: Console) -
         if repository.list_assignments(session, limit=1):
             console.print("education: assignments already in the database")
             return
-        for user_id in users.iloc[:3]:
-            state = tracer.student_state(frame, str(user_id))
+        # The first students who have recommendations (a weak student may have none in the target band), so
+        # the dashboard opens on students with exercises to show.
+        assigned: list[str] = []
+        for user_id in users.iloc[:DEMO_ASSIGN_SEARCH].astype(str):
+            state = tracer.student_state(frame, user_id)
             recommendations = recommend(tracer, state, graph, k=3)
-            repository.add_assignments(session, str(user_id), recommendations, assigned_by="demo")
-        console.print("education: assigned recommended exercises to 3 students")
+            if recommendations:
+                repository.add_assignments(session, user_id, recommendations, assigned_by="demo")
+                assigned.append(user_id)
+            if len(assigned) == DEMO_ASSIGNED_STUDENTS:
+                break
+        console.print(f"education: assigned recommended exercises to {', '.join(assigned) or 'no student'}")
 
 
 def write_atomic_csv(frame: pd.DataFrame, path: Path) -> Path:

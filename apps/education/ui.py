@@ -90,7 +90,16 @@ st.caption(
 )
 
 st.subheader("Student")
-student = st.selectbox("Student", list(overview.index), key="edu_student")
+students = list(overview.index)
+with factory() as session:
+    last_assigned = repository.list_assignments(session, limit=1)
+# Open on the student who was last given exercises (after `verticals demo`: one with recommendations).
+opening = (
+    students.index(last_assigned[0].student_id)
+    if last_assigned and last_assigned[0].student_id in students
+    else 0
+)
+student = st.selectbox("Student", students, index=opening, key="edu_student")
 try:
     state = tracer.student_state(frame, student, on_unknown="unknown")
     gaps = knowledge_gaps(tracer, state, graph)

@@ -34,11 +34,27 @@ def test_generate_train_evaluate_predict_recommend(runner, tmp_path):
     assert result.exit_code == 0, result.output
     model = tmp_path / "model"
     csv = str(data / "interactions.csv")
+    graph = str(data / "prerequisites.csv")
     result = runner.invoke(
-        app, ["education", "train", "--data", csv, "--out", str(model), "--max-steps", "3", "--no-register"]
+        app,
+        [
+            "education",
+            "train",
+            "--data",
+            csv,
+            "--out",
+            str(model),
+            "--max-steps",
+            "3",
+            "--no-register",
+            "--graph",
+            graph,
+        ],
     )
     assert result.exit_code == 0, result.output
     assert (model / "app.json").is_file() and (model / "model.safetensors").is_file()
+    clusters = json.loads((model / "app.json").read_text())["skill_clusters"]
+    assert clusters and max(clusters.values()) < 8  # skill clusters from the graph, the MoE domains
 
     result = runner.invoke(app, ["education", "evaluate", "--model", str(model), "--data", csv, "--json"])
     assert result.exit_code == 0, result.output
