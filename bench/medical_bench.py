@@ -2,6 +2,8 @@
 
 Phases (``--phases``, comma-separated):
 
+- ``design``: how much the generator lets fusion gain, without CT: gradient boosting on the record fields,
+  on the true lesion pattern (a perfect CT reader) and on both, macro AUROC on held-out drawn cases.
 - ``accuracy``: generates semi-synthetic train/test sets (base labels) and a pool of rare ``miliary`` cases,
   trains three diagnosers with the same settings (CT + record, CT only, record only) and reports AUROC per
   class, macro AUROC, accuracy, Brier and ECE on the held-out test set.
@@ -10,11 +12,12 @@ Phases (``--phases``, comma-separated):
   cases. Reports 6-way query accuracy and rare-class recall with 95 % intervals, against a logistic
   regression (class-balanced) fitted on the same embeddings (base training cases + the k support cases).
 - ``latency``: per case on the CPU (``torch.set_num_threads(2)``): read a 64-slice 512 x 512 DICOM series and
-  its record, resample, run the model (``predict``) and, separately, ``explain``; p50/p95 over repeats.
+  its record, resample, run the model (``predict``) and, separately, ``explain``; p50/p95 over repeats. With
+  ``--int8`` the same for the int8 ONNX Runtime artifact that `core.compress` makes of the model.
 
 Usage:
     python bench/medical_bench.py --phases accuracy,fewshot --device cuda --train-cases 400
-    python bench/medical_bench.py --phases latency --model bench/results/medical_model
+    python bench/medical_bench.py --phases latency --model bench/results/medical_model --int8
 Results are merged into ``<out>/medical_bench.json`` and ``<out>/medical_bench.md``.
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import tempfile
@@ -127,6 +131,62 @@ def phase_accuracy(args, work: Path, results: dict) -> dict:
     return {"fusion": models["fusion"], "train": train, "test": test, "rare": read_cases(work / "rare")}
 
 
+def phase_design(args, results: dict) -> None:
+    """Ceilings of the generator's design: gradient boosting on the drawn findings, no CT.
+
+    ``record`` sees the record fields, ``image pattern`` the true lesion pattern (a perfect CT reader),
+    ``both`` the two: the margin a fusion model can reach over the better single modality.
+    """
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from apps.medical.encode import CATEGORY_VALUES, RECORD_FIELDS, record_values
+    from apps.medical.synthetic import PATTERNS, sample_findings
+
+    def features(n: int, seed: int):
+        findings = [sample_findings(i, seed, label=label) for i, label in enumerate(_labels(n, seed))]
+        record = []
+        for f in findings:
+            values = record_values(f.record)
+            record.append(
+                [
+                    np.nan
+                    if values[name] is None
+                    else CATEGORY_VALUES[name].index(values[name])
+                    if name in CATEGORY_VALUES
+                    else float(values[name])
+                    for name in RECORD_FIELDS
+                ]
+            )
+        record = np.array(record, dtype=np.float64)
+        pattern = np.eye(len(PATTERNS))[[PATTERNS.index(f.pattern) for f in findings]]
+        return record, pattern, [f.label for f in findings]
+
+    train_record, train_pattern, train_y = features(args.design_cases, args.seed + 20)
+    test_record, test_pattern, test_y = features(args.design_cases // 2, args.seed + 21)
+    observed = ~np.isnan(train_record).all(axis=0)  # fields the generator never writes carry nothing
+    views = {
+        "record": (train_record[:, observed], test_record[:, observed]),
+        "image pattern": (train_pattern, test_pattern),
+        "both": (
+            np.hstack([train_record[:, observed], train_pattern]),
+            np.hstack([test_record[:, observed], test_pattern]),
+        ),
+    }
+    out = {}
+    for name, (train_x, test_x) in views.items():
+        model = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, random_state=args.seed)
+        model.fit(train_x, train_y)
+        metrics = classification_metrics(test_y, model.predict_proba(test_x), list(model.classes_))
+        out[name] = {"auroc_macro": metrics["auroc_macro"], "accuracy": metrics["accuracy"]}
+        print(f"design {name:>13}: macro AUROC {metrics['auroc_macro']:.3f}", flush=True)
+    best_single = max(out["record"]["auroc_macro"], out["image pattern"]["auroc_macro"])
+    results["design"] = {
+        "cases": {"train": args.design_cases, "test": args.design_cases // 2},
+        "views": out,
+        "both_minus_best_single_auroc": out["both"]["auroc_macro"] - best_single,
+    }
+
+
 def phase_fewshot(args, state: dict, results: dict) -> None:
     from sklearn.linear_model import LogisticRegression
 
@@ -176,51 +236,88 @@ def phase_fewshot(args, state: dict, results: dict) -> None:
     results["fewshot"] = {"query": "20 rare + 20 base test cases, 6-way", **out}
 
 
+def _timings(run, repeats: int) -> dict:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    times = np.array(times)
+    return {
+        "p50_s": float(np.percentile(times, 50)),
+        "p95_s": float(np.percentile(times, 95)),
+        "mean_s": float(times.mean()),
+        "repeats": repeats,
+    }
+
+
+def _int8_model(args, model_dir: Path, work: Path) -> Path | None:
+    """The int8 ONNX artifact of `model_dir` (core.compress), or None when compression is unavailable."""
+    try:
+        from core.compress import CompressionOptions, compress
+    except ImportError as e:
+        print(f"int8: core.compress unavailable ({e})", flush=True)
+        return None
+    from apps.medical.encode import encode_case
+
+    parent = Diagnoser.load(model_dir)
+    generate(work / "lat_calib", 16, args.seed + 3, labels=[BASE[i % 5] for i in range(16)])
+    calibration = [encode_case(c, parent.grid_, parent.record_stats_) for c in read_cases(work / "lat_calib")]
+    out_dir = work / "int8_model"
+    compress(model_dir, out_dir, CompressionOptions(int8=True, measure_latency=False), calibration)
+    return out_dir
+
+
 def phase_latency(args, work: Path, results: dict) -> None:
     import warnings
 
     torch.set_num_threads(2)
     if args.model:
-        diagnoser = Diagnoser.load(args.model)
+        model_dir = args.model
         source = str(args.model)
     else:
         generate(
             work / "lat_train", 16, args.seed, shape=(16, 48, 48), labels=[BASE[i % 5] for i in range(16)]
         )
-        diagnoser = Diagnoser(args.preset, epochs=1, pretrain_epochs=0, show_progress=False).fit(
+        Diagnoser(args.preset, epochs=1, pretrain_epochs=0, show_progress=False).fit(
             read_cases(work / "lat_train")
-        )
+        ).save(work / "lat_model")
+        model_dir = work / "lat_model"
         source = "untrained (1 epoch on 16 cases; weights do not change the cost)"
     generate(work / "lat", 1, args.seed, shape=(64, 512, 512), labels=[BASE[2]])
     series, record = work / "lat" / "case_0000" / "ct", work / "lat" / "case_0000" / "record.json"
 
-    def once(explain: bool) -> float:
-        t0 = time.perf_counter()
+    def read():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            case = read_case(series, record)
-        if explain:
-            diagnoser.explain(case)
-        else:
-            diagnoser.predict_proba([case])
-        return time.perf_counter() - t0
+            return read_case(series, record)
 
     out = {
         "model": source,
         "series": "64 x 512 x 512 DICOM slices + record JSON",
         "threads": 2,
         "cpu": platform.processor() or platform.machine(),
+        "load_average_1m_at_start": os.getloadavg()[0],  # other work on the machine skews absolute times
     }
-    for name, explain in (("predict", False), ("explain", True)):
-        once(explain)  # warm-up
-        times = np.array([once(explain) for _ in range(args.repeats)])
-        out[name] = {
-            "p50_s": float(np.percentile(times, 50)),
-            "p95_s": float(np.percentile(times, 95)),
-            "mean_s": float(times.mean()),
-            "repeats": args.repeats,
-        }
-        print(f"latency {name:>8}: p50 {out[name]['p50_s']:.3f}s  p95 {out[name]['p95_s']:.3f}s", flush=True)
+    models = {"fp32": Diagnoser.load(model_dir)}
+    if args.int8:
+        int8_dir = _int8_model(args, model_dir, work)
+        if int8_dir is not None:
+            models["int8"] = Diagnoser.load(int8_dir)
+            case = read()
+            reference, quantised = (models[k].predict_proba([case])[0] for k in ("fp32", "int8"))
+            out["int8_max_probability_change"] = float(np.abs(reference - quantised).max())
+    for precision, diagnoser in models.items():
+        for name, run in (
+            ("predict", lambda d=diagnoser: d.predict_proba([read()])),
+            ("explain", lambda d=diagnoser: d.explain(read())),
+        ):
+            key = name if precision == "fp32" else f"{name}_{precision}"
+            out[key] = _timings(run, args.repeats)
+            print(
+                f"latency {key:>14}: p50 {out[key]['p50_s']:.3f}s  p95 {out[key]['p95_s']:.3f}s", flush=True
+            )
     results["latency"] = out
 
 
@@ -255,6 +352,23 @@ def write_markdown(results: dict) -> str:
             f"{acc['fusion_minus_best_single_auroc']:+.3f}",
             "",
         ]
+    if "design" in results:
+        design = results["design"]
+        lines += [
+            f"Design ceilings (gradient boosting on {design['cases']['train']} drawn cases' findings, "
+            f"{design['cases']['test']} held out; `image pattern` = the true lesion pattern, i.e. a perfect "
+            "CT reader):",
+            "",
+            "| view | macro AUROC | accuracy |",
+            "|---|---|---|",
+        ]
+        for name, m in design["views"].items():
+            lines.append(f"| {name} | {m['auroc_macro']:.3f} | {m['accuracy']:.3f} |")
+        lines += [
+            "",
+            f"Both minus the better single view: {design['both_minus_best_single_auroc']:+.3f}",
+            "",
+        ]
     if "fewshot" in results:
         few = results["fewshot"]
         lines += [
@@ -274,15 +388,26 @@ def write_markdown(results: dict) -> str:
     if "latency" in results:
         lat = results["latency"]
         lines += [
-            f"CPU latency per case ({lat['series']}, {lat['threads']} threads, fp32, model: {lat['model']}):",
+            f"CPU latency per case ({lat['series']}, {lat['threads']} threads, model: {lat['model']}; "
+            f"1-minute load average {lat.get('load_average_1m_at_start', float('nan')):.1f} on "
+            f"{os.cpu_count()} cores at the start):",
             "",
             "| path | p50 s | p95 s | mean s |",
             "|---|---|---|---|",
         ]
-        for name in ("predict", "explain"):
+        for name in ("predict", "explain", "predict_int8", "explain_int8"):
+            if name not in lat:
+                continue
             m = lat[name]
+            label = name.replace("_int8", " (int8 ONNX)") if name.endswith("_int8") else f"{name} (fp32)"
             lines.append(
-                f"| read + resample + {name} | {m['p50_s']:.3f} | {m['p95_s']:.3f} | {m['mean_s']:.3f} |"
+                f"| read + resample + {label} | {m['p50_s']:.3f} | {m['p95_s']:.3f} | {m['mean_s']:.3f} |"
+            )
+        if "int8_max_probability_change" in lat:
+            lines.append("")
+            lines.append(
+                f"int8 vs fp32 on the latency case: largest probability change "
+                f"{lat['int8_max_probability_change']:.4f}."
             )
         lines.append("")
     return "\n".join(lines)
@@ -290,7 +415,7 @@ def write_markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--phases", default="accuracy,fewshot,latency")
+    parser.add_argument("--phases", default="design,accuracy,fewshot,latency")
     parser.add_argument("--train-cases", type=int, default=400)
     parser.add_argument("--test-cases", type=int, default=150)
     parser.add_argument("--rare-cases", type=int, default=60)
@@ -301,6 +426,7 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--episodes", type=int, default=200)
+    parser.add_argument("--design-cases", type=int, default=3000, help="design: drawn training cases")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -309,6 +435,9 @@ def main() -> None:
         "--data", type=Path, help="accuracy: keep/reuse the generated data sets in this folder"
     )
     parser.add_argument("--save-model", type=Path, help="accuracy: save the fusion model here")
+    parser.add_argument(
+        "--int8", action="store_true", help="latency: also time the int8 ONNX model (core.compress)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     phases = args.phases.split(",")
@@ -321,6 +450,8 @@ def main() -> None:
             state = phase_accuracy(args, work, results)
             if "fewshot" in phases:
                 phase_fewshot(args, state, results)
+        if "design" in phases:
+            phase_design(args, results)
         if "latency" in phases:
             phase_latency(args, work, results)
     json_path.write_text(json.dumps(results, indent=2))

@@ -31,6 +31,10 @@ user_app = typer.Typer(no_args_is_help=True, help="Review UI accounts.")
 app.add_typer(user_app, name="user")
 
 ModelOption = Annotated[Path, typer.Option("--model", help="Model directory written by `train`.")]
+DomainOption = Annotated[
+    Optional[str],
+    typer.Option("--domain", help="With a suite model directory: the part to load (this app's name)."),
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
 
 
@@ -173,10 +177,14 @@ def evaluate(
     model: ModelOption,
     data: Annotated[Path, typer.Option("--data", help="Folder with cases.csv (labelled).")],
     as_json: JsonOption = False,
+    domain: DomainOption = None,
 ) -> None:
     """AUROC per class, accuracy and calibration (Brier, ECE) on a labelled data set."""
     from apps.medical.predictor import Diagnoser
     from apps.medical.service import evaluate_model
+    from core.train import resolve_model_dir
+
+    model = resolve_model_dir(model, domain)
 
     metrics = evaluate_model(Diagnoser.load(model), data)
     if as_json:
@@ -196,12 +204,16 @@ def diagnose(
     ] = None,
     store: Annotated[bool, typer.Option(help="Store the diagnosis in the review queue.")] = True,
     as_json: JsonOption = False,
+    domain: DomainOption = None,
 ) -> None:
     """Diagnose one case: diagnosis, probabilities, and the CT regions and record fields that drove it."""
     from apps.medical.adapters import read_case
     from apps.medical.predictor import Diagnoser
     from apps.medical.service import diagnose as diagnose_case
     from apps.medical.service import load_secret, summary
+    from core.train import resolve_model_dir
+
+    model = resolve_model_dir(model, domain)
 
     diagnoser = Diagnoser.load(model)
     if store:
@@ -249,10 +261,14 @@ def add_class(
             "--cases", "--support", help="A data set folder (cases.csv) or a case folder; repeatable."
         ),
     ],
+    domain: DomainOption = None,
 ) -> None:
     """Add a class from a few confirmed cases (prototype of their embeddings), without retraining."""
     from apps.medical.predictor import Diagnoser
     from apps.medical.service import support_cases
+    from core.train import resolve_model_dir
+
+    model = resolve_model_dir(model, domain)
 
     diagnoser = Diagnoser.load(model)
     support = support_cases(cases, name)

@@ -5,29 +5,40 @@ an out-of-field circle marked by PixelPaddingValue) and a patient record JSON re
 `apps.medical.records.read_record`. The phantom has a body ellipse with a fat layer, two lungs at about
 -850 HU with vessels, a mediastinum with heart and aorta, a vertebral body and ribs.
 
-Design: neither modality alone decides the label. The image pattern narrows the diagnosis to a few
-labels, the record narrows it to others, and only together do they pin it down:
+Design: neither modality alone decides the label. Two latent findings produce the data: the image
+*pattern* (drawn given the label) produces the CT, and the clinical *presentation* (drawn given the label)
+produces the record. Each narrows the diagnosis to a pair that the other one separates:
 
-================  ==============================================  ===============================================
-label             image pattern (probability)                     record
-================  ==============================================  ===============================================
-normal            none                                            mostly normal; 15 % a viral fever with raised CRP
-benign_nodule     solid_nodule (30 % calcified)                   any age, light smoking, normal labs
-malignancy        spiculated_mass .5, ground_glass .3 (early,     older, heavy smoking, weight loss, CRP mildly
-                  sometimes part-solid), solid_nodule .2          raised, rarely fever
-pneumonia         ground_glass .85 (consolidation core, 1-3       fever, high CRP and white cells, acute
-                  patches), cavity .15 (abscess)
-tuberculosis      cavity .75, ground_glass .15, solid_nodule .1   low-grade fever, weight loss, night sweats,
-                                                                  moderate CRP, normal white cells, TB contact
-miliary (rare)    miliary: dozens of 2-4 mm nodules               like tuberculosis (fever, weight loss)
-================  ==============================================  ===============================================
+================  =============================================  ============================================
+label             image pattern (probability)                    presentation (probability)
+================  =============================================  ============================================
+normal            none                                           incidental .6, acute infection .32 (viral),
+                                                                 constitutional .08 (non-pulmonary cause)
+benign_nodule     solid_nodule (10 % calcified)                  incidental .88, acute .08, constitutional .04
+malignancy        solid_nodule .75, spiculated_mass .15,         constitutional .85, incidental .15 (screen-
+                  ground_glass .1 (early, sometimes part-solid)  detected)
+pneumonia         ground_glass .55 (consolidation core, 1-3      acute infection .9, constitutional .1
+                  patches), cavity .45 (abscess)                 (subacute, elderly)
+tuberculosis      cavity .55, ground_glass .45 (the same look    constitutional .88, acute .12
+                  as in pneumonia)
+miliary (rare)    miliary: dozens of 2-4 mm nodules              disseminated .8 (high fever, hypoxaemia,
+                                                                 normal white cells), constitutional .2
+================  =============================================  ============================================
 
-So ground glass is pneumonia *with* fever/high CRP or early malignancy *without*; a solid nodule is benign
-in a young non-smoker and malignant in an old heavy smoker; a cavity is tuberculosis or a pneumonia
-abscess (the record decides); a febrile record with weight loss is tuberculosis, miliary disease or
-(less often) malignancy, and the image decides. Record fields go missing at random (8 % each) so a model
-must cope with a partial record. Everything is deterministic under the seed, and case ``i`` depends only
-on ``(seed, i)``, so a larger set extends a smaller one.
+The record fields that carry most information (fever, temperature, CRP, white cells, weight loss, night
+sweats, haemoptysis, cough, heart and breathing rate, SpO2) depend on the presentation only: an
+*incidental* finding in a well patient, an *acute infection* (fever, high CRP and white cells), a
+*constitutional* illness (weight loss, night sweats, low-grade fever, moderate CRP) or, for the rare
+miliary disease, a *disseminated* one. Age, smoking, COPD and TB contact
+depend weakly on the label (cancer patients are older heavier smokers, TB patients report more contacts).
+So a solid nodule is benign in a well patient and malignant in a wasting one; ground glass or a cavity is
+pneumonia with an acute infection and tuberculosis with a constitutional illness; a well or febrile
+patient is normal, has a nodule or pneumonia depending on the CT. Lesions fill a sizeable fraction of the
+20 x 50 x 50 mm CT tokens of the default grid (nodules 12-26 mm across, masses 3-5 cm).
+Record fields go missing at random (8 % each) so a model must cope with a partial record. Everything is
+deterministic under the seed, and case ``i`` depends only on ``(seed, i)``, so a larger set extends a
+smaller one; the label, pattern, presentation and record of a case come from one random stream and the
+image from another, so `sample_findings` draws the record-side truth without building a volume.
 """
 
 from __future__ import annotations
@@ -68,10 +79,21 @@ PATTERN_GIVEN_LABEL = MappingProxyType(
     {
         "normal": {"none": 1.0},
         "benign_nodule": {"solid_nodule": 1.0},
-        "malignancy": {"spiculated_mass": 0.5, "ground_glass": 0.3, "solid_nodule": 0.2},
-        "pneumonia": {"ground_glass": 0.85, "cavity": 0.15},
-        "tuberculosis": {"cavity": 0.75, "ground_glass": 0.15, "solid_nodule": 0.1},
+        "malignancy": {"solid_nodule": 0.75, "spiculated_mass": 0.15, "ground_glass": 0.1},
+        "pneumonia": {"ground_glass": 0.55, "cavity": 0.45},
+        "tuberculosis": {"cavity": 0.55, "ground_glass": 0.45},
         "miliary": {"miliary": 1.0},
+    }
+)
+PRESENTATIONS = ("incidental", "acute_infection", "constitutional", "disseminated")
+PRESENTATION_GIVEN_LABEL = MappingProxyType(
+    {
+        "normal": {"incidental": 0.6, "acute_infection": 0.32, "constitutional": 0.08},
+        "benign_nodule": {"incidental": 0.88, "acute_infection": 0.08, "constitutional": 0.04},
+        "malignancy": {"constitutional": 0.85, "incidental": 0.15},
+        "pneumonia": {"acute_infection": 0.9, "constitutional": 0.1},
+        "tuberculosis": {"constitutional": 0.88, "acute_infection": 0.12},
+        "miliary": {"disseminated": 0.8, "constitutional": 0.2},
     }
 )
 DEFAULT_SHAPE = (32, 96, 96)
@@ -91,6 +113,7 @@ class SyntheticCase:
         case_id: ``"case_0000"`` ...
         label: the diagnosis, one of `LABELS`.
         pattern: the image pattern, one of `PATTERNS`.
+        presentation: the clinical presentation behind the record, one of `PRESENTATIONS`.
         hu: ``(S, R, C)`` float32 Hounsfield units (what a reader should get back, to rounding).
         lesion_mask: ``(S, R, C)`` bool, where the lesion dominates the voxel; empty for ``"none"``.
         inside_field: ``(R, C)`` bool, the reconstruction circle (outside it the files hold padding).
@@ -102,6 +125,7 @@ class SyntheticCase:
     case_id: str
     label: str
     pattern: str
+    presentation: str
     hu: np.ndarray
     lesion_mask: np.ndarray
     inside_field: np.ndarray
@@ -278,12 +302,13 @@ def _lesion(
     if pattern == "none":
         return weight, value
     if pattern == "solid_nodule":
-        center, radius = _lung_point(grid, lung_mask, rng), rng.uniform(5.0, 10.0)
+        # 12-26 mm across: a nodule (< 3 cm) that still fills a good part of a 20 x 50 x 50 mm CT token.
+        center, radius = _lung_point(grid, lung_mask, rng), rng.uniform(6.0, 13.0)
         add(*_ball(grid, center, np.full(3, radius), edge=1.5))
-        calcified = label == "benign_nodule" and rng.random() < 0.3
+        calcified = label == "benign_nodule" and rng.random() < 0.1
         value[:] = rng.uniform(200, 400) if calcified else rng.normal(35, 10)
     elif pattern == "spiculated_mass":
-        center, radius = _lung_point(grid, lung_mask, rng), rng.uniform(11.0, 20.0)
+        center, radius = _lung_point(grid, lung_mask, rng), rng.uniform(15.0, 25.0)  # a 3-5 cm mass
         add(*_ball(grid, center, np.full(3, radius), edge=1.5))
         for _ in range(2):  # lobulation
             add(*_ball(grid, center + rng.normal(0, 0.4 * radius, 3), np.full(3, 0.6 * radius), edge=1.5))
@@ -293,13 +318,13 @@ def _lesion(
             add(*_spicule(grid, center, center + direction * radius * rng.uniform(1.5, 2.3), 1.2), 0.8)
         value[:] = rng.normal(40, 8)
     elif pattern == "ground_glass":
-        patches = int(rng.integers(1, 4)) if label == "pneumonia" else 1
-        low, high = (10.0, 30.0) if label == "pneumonia" else (8.0, 22.0)
+        # Infective ground glass (pneumonia, tuberculosis: the same look) is patchy and often consolidates
+        # in the centre; an early adenocarcinoma is one lesion, sometimes part-solid.
+        infective = label != "malignancy"
+        patches = int(rng.integers(1, 4)) if infective else 1
+        low, high = (12.0, 30.0) if infective else (10.0, 22.0)
         value[:] = rng.uniform(-620, -480)
-        # Pneumonia often consolidates in the centre; an early adenocarcinoma is sometimes part-solid.
-        core_fraction, core_probability = {"pneumonia": (0.55, 0.5), "malignancy": (0.3, 0.3)}.get(
-            label, (0, 0)
-        )
+        core_fraction, core_probability = (0.55, 0.5) if infective else (0.3, 0.3)
         for _ in range(patches):
             center = _lung_point(grid, lung_mask, rng)
             radii = rng.uniform(low, high) * rng.uniform(0.7, 1.3, 3)
@@ -309,7 +334,7 @@ def _lesion(
                 value[box] = value[box] * (1.0 - core) + 20.0 * core
                 add(box, core)
     elif pattern == "cavity":
-        center, radius = _lung_point(grid, lung_mask, rng), rng.uniform(10.0, 19.0)
+        center, radius = _lung_point(grid, lung_mask, rng), rng.uniform(12.0, 22.0)
         add(*_ball(grid, center, np.full(3, radius), edge=1.5))
         value[:] = 30.0
         box, hollow = _ball(
@@ -336,137 +361,93 @@ def _choose(rng: np.random.Generator, probabilities: dict[str, float]) -> str:
     return str(names[rng.choice(len(names), p=weights / weights.sum())])
 
 
-# label -> (age mean, sd), P(male), smoking status probabilities, pack-years mean, P(fever), CRP median mg/L,
-# WBC mean 10^9/L, P(weight loss), P(night sweats), P(TB contact), P(haemoptysis)
-_RECORD_PRIORS = MappingProxyType(
+@dataclass(frozen=True)
+class _Presentation:
+    """How a clinical presentation shows in the record (probabilities per case, medians, means)."""
+
+    p_fever: float
+    temperature: tuple[float, float]  # mean, sd in °C when febrile
+    crp_median: float  # mg/L
+    wbc_mean: float  # 10^9/L
+    p_weight_loss: float
+    p_night_sweats: float
+    p_haemoptysis: float
+    p_cough: float
+    spo2: tuple[float, float]  # mean, sd in %
+
+
+PRESENTATION_SIGNS = MappingProxyType(
     {
-        "normal": (
-            (50, 15),
-            0.5,
-            {"never": 0.55, "former": 0.25, "current": 0.2},
-            15,
-            0.15,
-            3,
-            7.0,
-            0.03,
-            0.05,
-            0.03,
-            0.02,
-        ),
-        "benign_nodule": (
-            (52, 14),
-            0.5,
-            {"never": 0.5, "former": 0.3, "current": 0.2},
-            15,
-            0.05,
-            3,
-            7.0,
-            0.03,
-            0.05,
-            0.05,
-            0.03,
-        ),
-        "malignancy": (
-            (67, 9),
-            0.6,
-            {"never": 0.1, "former": 0.4, "current": 0.5},
-            42,
-            0.05,
-            9,
-            8.5,
-            0.5,
-            0.15,
-            0.03,
-            0.15,
-        ),
-        "pneumonia": (
-            (55, 20),
-            0.5,
-            {"never": 0.45, "former": 0.3, "current": 0.25},
-            20,
-            0.85,
-            95,
-            14.0,
-            0.05,
-            0.1,
-            0.03,
-            0.05,
-        ),
-        "tuberculosis": (
-            (42, 16),
-            0.6,
-            {"never": 0.4, "former": 0.3, "current": 0.3},
-            15,
-            0.55,
-            35,
-            8.0,
-            0.6,
-            0.5,
-            0.3,
-            0.2,
-        ),
-        "miliary": (
-            (40, 18),
-            0.55,
-            {"never": 0.45, "former": 0.25, "current": 0.3},
-            15,
-            0.8,
-            50,
-            6.0,
-            0.7,
-            0.6,
-            0.3,
-            0.05,
-        ),
+        "incidental": _Presentation(0.04, (38.2, 0.3), 3.0, 7.0, 0.05, 0.05, 0.02, 0.35, (97.5, 1.2)),
+        "acute_infection": _Presentation(0.9, (38.6, 0.45), 80.0, 13.5, 0.06, 0.2, 0.06, 0.85, (94.0, 2.5)),
+        "constitutional": _Presentation(0.4, (37.9, 0.3), 25.0, 8.0, 0.7, 0.5, 0.2, 0.7, (96.0, 1.8)),
+        # Haematogenous spread: high fever, night sweats, hypoxaemia out of proportion, normal white cells.
+        "disseminated": _Presentation(0.85, (38.7, 0.4), 45.0, 6.0, 0.7, 0.7, 0.03, 0.7, (89.0, 3.0)),
     }
 )
 
 
-def _record(case_index: int, seed: int, label: str, rng: np.random.Generator) -> PatientRecord:
-    (
-        age_stats,
-        p_male,
-        smoking,
-        pack_mean,
-        p_fever,
-        crp_median,
-        wbc_mean,
-        p_loss,
-        p_sweats,
-        p_contact,
-        p_blood,
-    ) = _RECORD_PRIORS[label]
-    fever = bool(rng.random() < p_fever)
-    viral = label == "normal" and fever  # a viral illness with a normal chest CT
-    crp = crp_median * (4.0 if viral else 1.0) * float(np.exp(rng.normal(0, 0.6)))
-    status = _choose(rng, smoking)
-    pack_years = 0.0 if status == "never" else max(1.0, rng.normal(pack_mean, 0.35 * pack_mean))
-    temperature = rng.normal(38.5, 0.45) if fever else rng.normal(36.9, 0.3)
-    if label == "tuberculosis" and fever:
-        temperature = rng.normal(37.9, 0.3)  # low-grade
+@dataclass(frozen=True)
+class _Background:
+    """Weak label-specific demographics and risk factors (age, sex, smoking, COPD, TB contact)."""
+
+    age: tuple[float, float]  # mean, sd in years
+    p_male: float
+    smoking: dict[str, float]
+    pack_years_mean: float
+    p_copd: float
+    p_tb_contact: float
+
+
+_USUAL_SMOKING = {"never": 0.45, "former": 0.3, "current": 0.25}
+LABEL_BACKGROUND = MappingProxyType(
+    {
+        "normal": _Background((54, 15), 0.5, _USUAL_SMOKING, 18, 0.1, 0.04),
+        "benign_nodule": _Background((56, 14), 0.5, _USUAL_SMOKING, 18, 0.1, 0.04),
+        "malignancy": _Background(
+            (60, 12), 0.55, {"never": 0.35, "former": 0.35, "current": 0.3}, 25, 0.15, 0.04
+        ),
+        "pneumonia": _Background((57, 17), 0.5, _USUAL_SMOKING, 18, 0.14, 0.04),
+        "tuberculosis": _Background((52, 16), 0.55, _USUAL_SMOKING, 18, 0.1, 0.15),
+        "miliary": _Background((46, 18), 0.55, _USUAL_SMOKING, 15, 0.08, 0.25),
+    }
+)
+
+
+def _record(
+    case_index: int, seed: int, label: str, presentation: str, rng: np.random.Generator
+) -> PatientRecord:
+    signs, background = PRESENTATION_SIGNS[presentation], LABEL_BACKGROUND[label]
+    fever = bool(rng.random() < signs.p_fever)
+    crp = signs.crp_median * float(np.exp(rng.normal(0, 0.6)))
+    status = _choose(rng, background.smoking)
+    pack_mean = background.pack_years_mean
+    pack_years = 0.0 if status == "never" else max(1.0, rng.normal(pack_mean, 0.4 * pack_mean))
+    temperature = rng.normal(*signs.temperature) if fever else rng.normal(36.9, 0.3)
     history = {
         "fever": fever,
-        "weight_loss": bool(rng.random() < p_loss),
-        "night_sweats": bool(rng.random() < p_sweats),
-        "tb_contact": bool(rng.random() < p_contact),
-        "haemoptysis": bool(rng.random() < p_blood),
-        "cough": bool(rng.random() < (0.4 if label == "normal" else 0.75)),
-        "copd": bool(rng.random() < (0.25 if label == "malignancy" else 0.1)),
+        "weight_loss": bool(rng.random() < signs.p_weight_loss),
+        "night_sweats": bool(rng.random() < signs.p_night_sweats),
+        "tb_contact": bool(rng.random() < background.p_tb_contact),
+        "haemoptysis": bool(rng.random() < signs.p_haemoptysis),
+        "cough": bool(rng.random() < signs.p_cough),
+        "copd": bool(rng.random() < background.p_copd),
     }
     raw = {
         "patient_id": f"SYN-{seed}-{case_index:04d}",
-        "age": float(np.clip(round(rng.normal(*age_stats)), 18, 95)),
-        "sex": "M" if rng.random() < p_male else "F",
+        "age": float(np.clip(round(rng.normal(*background.age)), 18, 95)),
+        "sex": "M" if rng.random() < background.p_male else "F",
         "vitals": {
             "temperature": {"value": round(float(np.clip(temperature, 35.5, 41.5)), 1), "unit": "°C"},
-            "heart_rate": {"value": round(float(rng.normal(98 if fever else 76, 10))), "unit": "/min"},
-            "respiratory_rate": {"value": round(float(rng.normal(22 if fever else 15, 3))), "unit": "/min"},
+            "heart_rate": {"value": round(float(rng.normal(96 if fever else 76, 10))), "unit": "/min"},
+            "respiratory_rate": {"value": round(float(rng.normal(21 if fever else 15, 3))), "unit": "/min"},
+            "spo2": {"value": round(float(np.clip(rng.normal(*signs.spo2), 70.0, 100.0))), "unit": "%"},
         },
         "labs": [
             {"name": "CRP", "value": round(float(np.clip(crp, 0.3, 480)), 1), "unit": "mg/L"},
             {
                 "name": "WBC",
-                "value": round(float(np.clip(rng.normal(wbc_mean, 0.2 * wbc_mean), 1.5, 60)), 1),
+                "value": round(float(np.clip(rng.normal(signs.wbc_mean, 0.2 * signs.wbc_mean), 1.5, 60)), 1),
                 "unit": "10^9/L",
             },
         ],
@@ -504,6 +485,40 @@ def _notes(history: dict[str, bool], rng: np.random.Generator) -> str:
 # cases and files
 
 
+@dataclass(frozen=True)
+class Findings:
+    """The record-side truth of a case: what `make_case` draws before it builds the image.
+
+    Attributes:
+        label: the diagnosis, one of `LABELS`.
+        pattern: the image pattern, one of `PATTERNS`.
+        presentation: the clinical presentation behind the record, one of `PRESENTATIONS`.
+        record: the patient record (canonical units).
+    """
+
+    label: str
+    pattern: str
+    presentation: str
+    record: PatientRecord
+
+
+def sample_findings(case_index: int, seed: int, *, label: str | None = None) -> Findings:
+    """Draw the label, image pattern, presentation and record of case `case_index` (no volume; cheap).
+
+    `make_case` draws exactly these, so a record-only analysis of a generated set needs no CT.
+
+    Raises:
+        ConfigError: an unknown label.
+    """
+    if label is not None and label not in LABELS:
+        raise ConfigError(f"synthetic label: expected one of {', '.join(LABELS)}, got {label!r}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, case_index, 0]))
+    label = label or _choose(rng, dict(LABEL_WEIGHTS))
+    pattern = _choose(rng, PATTERN_GIVEN_LABEL[label])
+    presentation = _choose(rng, PRESENTATION_GIVEN_LABEL[label])
+    return Findings(label, pattern, presentation, _record(case_index, seed, label, presentation, rng))
+
+
 def make_case(
     case_index: int, seed: int, *, label: str | None = None, shape: tuple[int, int, int] = DEFAULT_SHAPE
 ) -> SyntheticCase:
@@ -521,16 +536,13 @@ def make_case(
     Raises:
         ConfigError: an unknown label or a shape smaller than 8 x 32 x 32.
     """
-    if label is not None and label not in LABELS:
-        raise ConfigError(f"synthetic label: expected one of {', '.join(LABELS)}, got {label!r}")
     if len(shape) != 3 or shape[0] < 8 or shape[1] < 32 or shape[2] < 32:
         raise ConfigError(f"synthetic shape: expected (slices >= 8, rows >= 32, cols >= 32), got {shape!r}")
-    rng = np.random.default_rng(np.random.SeedSequence([seed, case_index]))
-    label = label or _choose(rng, dict(LABEL_WEIGHTS))
-    pattern = _choose(rng, PATTERN_GIVEN_LABEL[label])
+    findings = sample_findings(case_index, seed, label=label)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, case_index, 1]))  # the image's own stream
     grid = _grid(shape)
     hu, lung_mask, inside_field = _anatomy(grid, rng)
-    weight, lesion_hu = _lesion(grid, lung_mask, pattern, label, rng)
+    weight, lesion_hu = _lesion(grid, lung_mask, findings.pattern, findings.label, rng)
     hu = (hu * (1 - weight) + (lesion_hu + rng.normal(0.0, 12.0, grid.shape)) * weight).astype(np.float32)
     hu = np.clip(np.round(hu), -1024.0, 3071.0).astype(np.float32)  # what 16-bit storage keeps
     pixel = FIELD_OF_VIEW_MM / shape[2]
@@ -538,12 +550,13 @@ def make_case(
     origin = (float(grid.x[0]), float(grid.y[0]), table + float(grid.z[0]))
     return SyntheticCase(
         case_id=f"case_{case_index:04d}",
-        label=label,
-        pattern=pattern,
+        label=findings.label,
+        pattern=findings.pattern,
+        presentation=findings.presentation,
         hu=hu,
         lesion_mask=weight > 0.5,
         inside_field=inside_field,
-        record=_record(case_index, seed, label, rng),
+        record=findings.record,
         spacing=(SLICE_SPACING_MM, pixel, pixel),
         origin=origin,
     )
@@ -630,7 +643,7 @@ def generate(
     """Write a semi-synthetic data set: per case a DICOM series and a record JSON, plus ``cases.csv``.
 
     Layout: ``out_dir/case_0000/ct/IM0001.dcm ...``, ``out_dir/case_0000/record.json``, and
-    ``out_dir/cases.csv`` with columns ``case_id, series_dir, record_file, label, pattern, lesion_voxels``
+    ``out_dir/cases.csv`` with columns ``case_id, series_dir, record_file, label, pattern, presentation, lesion_voxels``
     (paths relative to `out_dir`).
 
     Args:
@@ -671,6 +684,7 @@ def generate(
                 "record_file": f"{case.case_id}/record.json",
                 "label": case.label,
                 "pattern": case.pattern,
+                "presentation": case.presentation,
                 "lesion_voxels": int(case.lesion_mask.sum()),
             }
         )

@@ -87,7 +87,9 @@ st.dataframe(
     hide_index=True,
     key="medical_queue",
 )
-case = next(c for c in cases if c.id == st.selectbox("Case", [c.id for c in cases], key="medical_case"))
+# The selectbox is created once, outside the search (inside it, a case other than the first created it twice).
+case_id = st.selectbox("Case", [c.id for c in cases], key="medical_case")
+case = next(c for c in cases if c.id == case_id)
 
 viewer, details = st.columns([3, 2])
 with viewer:

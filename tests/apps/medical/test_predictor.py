@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from apps.medical.predictor import Diagnoser, classification_metrics
 from apps.medical.schema import MedicalCase
@@ -60,14 +61,23 @@ def test_explain_points_at_ct_regions_inside_the_series_and_record_fields(traine
 def test_add_class_recognises_siblings_of_its_support_cases(trained, tmp_path):
     model_dir = shutil.copytree(trained.model_dir, tmp_path / "model")
     diagnoser = Diagnoser.load(model_dir)
-    support, siblings = trained.rare[:3], trained.rare[3:]
+    support, siblings = trained.rare[:8], trained.rare[8:]
     diagnoser.add_class("miliary", support)
     assert diagnoser.classes_[-1] == "miliary"
-    predicted = diagnoser.predict(siblings)
-    # Chance over six classes is 1/6.
-    assert np.mean([p == "miliary" for p in predicted]) > 1 / 6
-    # Base cases are mostly still given base classes.
-    assert np.mean([p != "miliary" for p in diagnoser.predict(trained.test)]) >= 0.7
+    # Threshold-free, so it does not hang on this tiny model's calibration: the new class's probability
+    # ranks the 16 unseen siblings of the support cases above the 40 base test cases. Chance is an AUROC of
+    # 0.5 with a standard error of about 0.09 here, so 0.65 is a margin a random prototype rarely clears.
+    p_siblings = diagnoser.predict_proba(siblings)[:, -1]
+    p_base = diagnoser.predict_proba(trained.test)[:, -1]
+    is_sibling = [1] * len(p_siblings) + [0] * len(p_base)
+    assert roc_auc_score(is_sibling, np.concatenate([p_siblings, p_base])) >= 0.65
+    # At the argmax: siblings are called miliary more often than base cases, which mostly keep a base class.
+    sibling_rate = np.mean([p == "miliary" for p in diagnoser.predict(siblings)])
+    base_rate = np.mean([p == "miliary" for p in diagnoser.predict(trained.test)])
+    assert sibling_rate > base_rate and base_rate <= 0.3
+    explanation = diagnoser.explain(siblings[0])  # the gradient runs through the prototype path too
+    assert list(explanation.probabilities) == diagnoser.classes_
+    assert sum(explanation.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
     diagnoser.save_prototypes(model_dir)
     reloaded = Diagnoser.load(model_dir)
     assert reloaded.classes_ == diagnoser.classes_

@@ -12,7 +12,14 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from apps.medical.adapters import read_record, read_series
-from apps.medical.synthetic import LABELS, PATTERN_GIVEN_LABEL, generate, make_case
+from apps.medical.synthetic import (
+    LABELS,
+    PATTERN_GIVEN_LABEL,
+    PRESENTATION_GIVEN_LABEL,
+    generate,
+    make_case,
+    sample_findings,
+)
 from core.errors import ConfigError
 
 SHAPE = (12, 48, 48)
@@ -31,7 +38,15 @@ def dataset(tmp_path_factory):
 def test_manifest_lists_every_case(dataset):
     out, rows = dataset
     assert [r["label"] for r in rows] == list(LABELS)
-    assert list(rows[0]) == ["case_id", "series_dir", "record_file", "label", "pattern", "lesion_voxels"]
+    assert list(rows[0]) == [
+        "case_id",
+        "series_dir",
+        "record_file",
+        "label",
+        "pattern",
+        "presentation",
+        "lesion_voxels",
+    ]
     for row in rows:
         assert (out / row["series_dir"]).is_dir() and (out / row["record_file"]).is_file()
         assert row["pattern"] in PATTERN_GIVEN_LABEL[row["label"]]
@@ -124,3 +139,46 @@ def test_invalid_requests_are_config_errors(tmp_path):
         make_case(0, 0, label="influenza")
     with pytest.raises(ConfigError, match="at least 1"):
         generate(tmp_path / "new", 0, 0)
+
+
+def test_each_presentation_belongs_to_labels_that_the_image_separates():
+    # The other half of the design: the record narrows the diagnosis to labels whose CT patterns differ.
+    producers = {}
+    for label, presentations in PRESENTATION_GIVEN_LABEL.items():
+        for presentation in presentations:
+            producers.setdefault(presentation, set()).add(label)
+    for presentation, pair in (
+        ("incidental", {"normal", "benign_nodule"}),
+        ("acute_infection", {"normal", "pneumonia"}),
+        ("constitutional", {"malignancy", "tuberculosis"}),
+    ):
+        assert producers[presentation] >= pair
+        first, second = (PATTERN_GIVEN_LABEL[label] for label in sorted(pair))
+        shared = sum(min(first[p], second.get(p, 0.0)) for p in first)  # 1 - total variation distance
+        assert shared <= 0.15, (presentation, first, second)
+
+
+def test_record_signs_follow_the_presentation_whatever_the_label():
+    def fever_rate(label, presentation):
+        findings = [sample_findings(i, 7, label=label) for i in range(400)]
+        chosen = [f for f in findings if f.presentation == presentation]
+        return np.mean([bool(f.record.history.get("fever")) for f in chosen]), len(chosen)
+
+    normal_acute, n_normal = fever_rate("normal", "acute_infection")
+    pneumonia_acute, n_pneumonia = fever_rate("pneumonia", "acute_infection")
+    normal_well, _ = fever_rate("normal", "incidental")
+    assert n_normal > 50 and n_pneumonia > 50
+    assert normal_acute > 0.75 and pneumonia_acute > 0.75 and normal_well < 0.15
+    assert abs(normal_acute - pneumonia_acute) < 0.15
+
+
+def test_make_case_draws_the_findings_that_sample_findings_draws():
+    for index, label in enumerate(("malignancy", None)):
+        case = make_case(index, SEED, label=label, shape=SHAPE)
+        findings = sample_findings(index, SEED, label=label)
+        assert (case.label, case.pattern, case.presentation) == (
+            findings.label,
+            findings.pattern,
+            findings.presentation,
+        )
+        assert case.record == findings.record
