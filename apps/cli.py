@@ -46,6 +46,8 @@ if TYPE_CHECKING:
     from core.db import SuiteSettings
 
 APP_NAMES = ("finance", "medical", "education")
+SUITE_COMMANDS = ("suite",)
+"""Command groups over several apps (``apps/<name>/cli.py`` too, but no demo of their own)."""
 STREAMLIT_SCRIPT = Path(__file__).resolve().parent / "streamlit_app.py"
 DEBUG_ENV = "VERTICALS_DEBUG"
 
@@ -91,7 +93,7 @@ def _module_exists(name: str) -> bool:
 
 
 def _add_app_commands(root: typer.Typer) -> None:
-    for name in APP_NAMES:
+    for name in (*APP_NAMES, *SUITE_COMMANDS):
         module_name = f"apps.{name}.cli"
         if _module_exists(module_name):
             root.add_typer(importlib.import_module(module_name).app, name=name)
@@ -289,6 +291,8 @@ def demo(
 
 
 _add_app_commands(app)
+# `verticals compress` (apps/compress_cli.py imports torch and the apps inside the command body only).
+app.command("compress")(importlib.import_module("apps.compress_cli").compress_command)
 
 
 def main() -> None:

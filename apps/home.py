@@ -23,6 +23,25 @@ def load_runs(db_url: str) -> list[ModelRun]:
         return list_model_runs(session)
 
 
+def routing_chart(model_dir: str):
+    """Heat map (domain x expert) of the share of each domain's routed mass of a suite model."""
+    import altair as alt
+
+    from apps.suite.routing import heatmap_rows, routing_report
+
+    rows = heatmap_rows(routing_report(model_dir))
+    return (
+        alt.Chart(alt.Data(values=rows))
+        .mark_rect()
+        .encode(
+            x=alt.X("expert:O", title="routed expert"),
+            y=alt.Y("domain:N", title="domain"),
+            color=alt.Color("share:Q", title="share of mass", scale=alt.Scale(scheme="blues")),
+            tooltip=["domain:N", "expert:O", "group:N", alt.Tooltip("share:Q", format=".1%")],
+        )
+    )
+
+
 def format_value(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -83,3 +102,15 @@ st.dataframe(
     hide_index=True,
     key="home_runs_table",
 )
+
+suite_run = next((run for run in runs if run.app == "suite"), None)
+if suite_run is not None:
+    st.subheader("Suite model routing")
+    st.caption(
+        f"`{suite_run.model_dir}`: share of each domain's routed probability mass per expert, all layers "
+        "(validation data). Details: `verticals suite routing --model DIR`."
+    )
+    try:
+        st.altair_chart(routing_chart(suite_run.model_dir), width="stretch", key="home_routing_chart")
+    except VerticalsError as e:
+        st.warning(str(e))

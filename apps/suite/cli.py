@@ -1,0 +1,161 @@
+"""`verticals suite ...`: train the suite model jointly on the three apps, and report its routing.
+
+Usage:
+    verticals suite train --finance data/tx.parquet --medical data/med --education data/edu/interactions.csv \\
+        --out models/suite --epochs 3
+    verticals suite routing --model models/suite
+    verticals suite routing --model models/suite --json
+    verticals finance score --model models/suite --domain finance --input new.csv --output scores.parquet
+
+Each app's part (`models/suite/<app>`) is a normal model directory of that app; every app command taking
+`--model` loads it with `--domain <app>`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, help="The suite model: joint multi-domain training and routing.")
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    out: Annotated[
+        Path, typer.Option("--out", help="Suite directory to write (suite.json + one folder per app).")
+    ],
+    finance: Annotated[
+        Optional[Path], typer.Option("--finance", help="Labelled transactions (CSV/Parquet).")
+    ] = None,
+    medical: Annotated[Optional[Path], typer.Option("--medical", help="Folder with cases.csv.")] = None,
+    education: Annotated[
+        Optional[Path], typer.Option("--education", help="Interactions CSV (canonical).")
+    ] = None,
+    epochs: Annotated[float, typer.Option(help="Task epochs (stage 2).")] = 3.0,
+    pretrain_epochs: Annotated[float, typer.Option(help="Masked-field epochs (stage 1); 0 skips it.")] = 1.0,
+    learning_rate: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-3,
+    medical_preset: Annotated[str, typer.Option(help="Medical CT grid preset: small or tiny.")] = "small",
+    max_steps: Annotated[int, typer.Option(help="Cap on steps per stage (-1: none).")] = -1,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    register: Annotated[bool, typer.Option(help="Record the run in the database.")] = True,
+) -> None:
+    """Train one shared trunk on every given app (two stages), then write each app's part and suite.json."""
+    import torch
+
+    from apps.suite.train import SuiteSettings, train_suite
+
+    sources = {
+        name: path
+        for name, path in (("finance", finance), ("medical", medical), ("education", education))
+        if path is not None
+    }
+    if not sources:
+        raise typer.BadParameter(
+            "give at least one of --finance, --medical, --education", param_hint="--finance"
+        )
+    settings = SuiteSettings(
+        epochs=epochs,
+        pretrain_epochs=pretrain_epochs,
+        learning_rate=learning_rate,
+        seed=seed,
+        max_steps=max_steps,
+        medical_preset=medical_preset,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
+    summary = train_suite(sources, out, settings)
+    for name in summary["domains"]:
+        metric = summary["headline_metrics"][name]
+        value = summary["metrics"][name].get(metric)
+        shown = f"{value:.4f}" if isinstance(value, float) else "n/a"
+        typer.echo(f"{name}: {metric} {shown} -> {out / name}")
+    typer.echo(f"suite written to {out} in {summary['train_seconds']:.0f} s")
+    if register:
+        _register(ctx, out, summary)
+
+
+def _register(ctx: typer.Context, out: Path, summary: dict) -> None:
+    import os
+
+    from apps.suite.routing import routing_report
+    from core.db import SuiteSettings, migrated_session
+    from core.repository import record_model_run
+
+    checks = routing_report(out)["checks"]
+    metrics = {
+        f"{name}_{metric}": float(summary["metrics"][name][metric])
+        for name, metric in summary["headline_metrics"].items()
+        if isinstance(summary["metrics"][name].get(metric), int | float)
+    }
+    metrics.update(
+        on_group_min=float(checks["on_group_min"]),
+        max_violation=float(checks["max_violation"]),
+        low_use_experts=int(checks["low_use_count"]),
+    )
+    settings = ctx.find_object(SuiteSettings) or SuiteSettings.resolve(db=None, home=None, environ=os.environ)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    with migrated_session(settings.db_url) as session:
+        record_model_run(
+            session,
+            model_dir=out.resolve(),
+            app="suite",
+            metrics=metrics,
+            data_fingerprint=summary["data_fingerprint"],
+            code_version=summary["code_version"],
+            domain=",".join(summary["domains"]),
+        )
+
+
+@app.command()
+def routing(
+    model: Annotated[Path, typer.Option("--model", help="Suite directory written by `suite train`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+) -> None:
+    """Share of each domain's routed mass per expert, mass on its group, load balance, unused experts."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from apps.suite.routing import routing_report
+
+    report = routing_report(model)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    console = Console()
+    overall = report["all_layers"]
+    table = Table(title=f"Share of each domain's routed mass per expert, all layers ({model})")
+    table.add_column("expert")
+    table.add_column("group")
+    for domain in overall["mass_share"]:
+        table.add_column(f"{domain} %", justify="right")
+    table.add_column("load %", justify="right")
+    total_load = sum(overall["load"]) or 1.0
+    for e, group in enumerate(overall["expert_group"]):
+        shares = [f"{100 * overall['mass_share'][d][e]:.1f}" for d in overall["mass_share"]]
+        table.add_row(str(e), group, *shares, f"{100 * overall['load'][e] / total_load:.1f}")
+    table.add_row(
+        "own+general",
+        "",
+        *(f"{100 * overall['on_group_share'][d]:.1f}" for d in overall["mass_share"]),
+        "",
+        end_section=True,
+    )
+    console.print(table)
+    for index, layer in enumerate(report["layers"]):
+        on_group = ", ".join(f"{d} {100 * s:.1f}%" for d, s in layer["on_group_share"].items())
+        low = ", ".join(
+            f"{x['expert']} ({x['group']}, {100 * x['share_in_group']:.1f}%)"
+            for x in layer["low_use_experts"]
+        )
+        console.print(
+            f"layer {index}: own group + general: {on_group}; max violation {layer['max_violation']:.3f}; "
+            f"experts below {100 * report['checks']['low_use_threshold']:.0f}% of their group: {low or 'none'}"
+        )
+    checks = report["checks"]
+    console.print(
+        f"lowest own+general share {100 * checks['on_group_min']:.1f}% (target >= {100 * checks['on_group_target']:.0f}%), "
+        f"{checks['low_use_count']} low-use experts, max violation {checks['max_violation']:.3f}"
+    )

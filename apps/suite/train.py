@@ -1,0 +1,366 @@
+"""Joint training of the suite model: one shared trunk, each app's embedder and head, two stages.
+
+Each app prepares its training exactly as its own `fit` does (`prepare_fit`: reading, validation split,
+encoders, examples, config), with the suite's trunk fields. The apps' models are tied to one trunk
+(`core.multitask`), every token is tagged with its app as domain id, and `transformers.Trainer` runs stage 1
+(masked-field modelling on every app) and stage 2 (every app's task), one batch of each app per step.
+Each app's part is then exported as a normal model directory of that app (`export_task_model` keeps the
+domain the suite gave its tokens), finished and evaluated by the app's own predictor (`finish_fit`, the
+app's validation metrics) and saved with the app's own `save`. `suite.json` lists the parts, the expert
+groups, the metrics and the routing statistics measured on the validation data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apps.suite.config import BATCH_SIZES, GENERAL_GROUP, SUITE_DOMAINS, expert_groups, trunk_overrides
+from core.errors import InputValidationError
+from core.train import SUITE_FILE, TrainingPlan, code_version, fingerprint
+
+logger = logging.getLogger(__name__)
+
+SUITE_SCHEMA_VERSION = 1
+
+
+@dataclass
+class AppRun:
+    """One app inside a suite run: its predictor, its training plan and its validation data."""
+
+    name: str
+    predictor: Any
+    plan: TrainingPlan
+    validation: Any
+    batch_size: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SuiteSettings:
+    """Training settings of a suite run (the same for a single-app run, for a like-for-like comparison).
+
+    Attributes:
+        epochs: stage-2 (task) epochs, counted in rounds of the app with the most batches.
+        pretrain_epochs: stage-1 (masked-field) epochs; 0 skips stage 1.
+        learning_rate: AdamW peak learning rate.
+        seed: seeds everything.
+        max_steps: cap on steps per stage (-1: by epochs).
+        pretrain_max_steps: cap on stage-1 steps when it differs from `max_steps` (None: `max_steps`).
+        medical_preset: the medical CT grid and attention preset (`"small"`, `"tiny"`).
+        trunk: changes to the trunk fields of `apps.suite.config.TRUNK`.
+        batch_sizes: per-app batch sizes (default `BATCH_SIZES`).
+        device: "cpu" or "cuda".
+        show_progress: Trainer progress bars.
+    """
+
+    epochs: float = 3.0
+    pretrain_epochs: float = 1.0
+    learning_rate: float = 2e-3
+    seed: int = 0
+    max_steps: int = -1
+    pretrain_max_steps: int | None = None
+    medical_preset: str = "small"
+    trunk: Mapping[str, Any] = field(default_factory=dict)
+    batch_sizes: Mapping[str, int] = field(default_factory=lambda: dict(BATCH_SIZES))
+    device: str = "cpu"
+    show_progress: bool = False
+
+
+# ---------------------------------------------------------------------- per-app preparation
+
+
+def _prepare_finance(source: Path, settings: SuiteSettings, overrides: dict[str, Any]) -> AppRun:
+    from apps.finance.adapters import read_source, validate
+    from apps.finance.predictor import FraudDetector
+
+    frame, _ = validate(read_source(str(source), format="canonical"))
+    frame = frame.sort_values("timestamp", kind="stable")
+    sizes = {k: overrides.pop(k) for k in ("hidden_size", "num_layers", "num_heads", "use_moe")}
+    detector = FraudDetector(
+        **sizes,
+        batch_size=settings.batch_sizes["finance"],
+        learning_rate=settings.learning_rate,
+        seed=settings.seed,
+        device=settings.device,
+    )
+    plan = detector.prepare_fit(frame, config_overrides=overrides)
+    return AppRun("finance", detector, plan, None, settings.batch_sizes["finance"])
+
+
+def _finish_finance(run: AppRun, model: Any, out: Path, training: Mapping[str, Any]) -> dict[str, float]:
+    # finish_fit scores the validation period (threshold and metrics): the routing statistics come from it.
+    detector = run.predictor.finish_fit(model, run.plan, training)
+    detector.save(out)
+    return {k: float(v) for k, v in detector.metrics_.items() if isinstance(v, int | float)}
+
+
+def _prepare_medical(source: Path, settings: SuiteSettings, overrides: dict[str, Any]) -> AppRun:
+    from apps.medical.adapters import read_cases
+    from apps.medical.predictor import Diagnoser
+    from apps.medical.service import split_cases
+
+    train, validation = split_cases(read_cases(source))
+    diagnoser = Diagnoser(
+        settings.medical_preset,
+        batch_size=settings.batch_sizes["medical"],
+        learning_rate=settings.learning_rate,
+        seed=settings.seed,
+        device=settings.device,
+        show_progress=settings.show_progress,
+    )
+    plan = diagnoser.prepare_fit(train, config_overrides=overrides)
+    return AppRun("medical", diagnoser, plan, validation, settings.batch_sizes["medical"])
+
+
+def _finish_medical(run: AppRun, model: Any, out: Path, training: Mapping[str, Any]) -> dict[str, float]:
+    from apps.medical.predictor import classification_metrics
+
+    diagnoser = run.predictor.finish_fit(model, run.plan, training)
+    _reset_routing(model)  # the prototypes were computed on training cases: measure validation only
+    known = [c for c in run.validation if c.label in diagnoser.labels_]
+    metrics: dict[str, float] = {}
+    if known:
+        metrics = classification_metrics(
+            [c.label for c in known], diagnoser.predict_proba(known), diagnoser.classes_
+        )
+    diagnoser.save(out, metrics=metrics)
+    return metrics
+
+
+def _prepare_education(source: Path, settings: SuiteSettings, overrides: dict[str, Any]) -> AppRun:
+    from apps.education.adapters import read_interactions
+    from apps.education.predictor import KnowledgeTracer
+
+    frame = read_interactions(source, format="canonical", on_invalid="raise").frame
+    # The education CLI's split: a seeded tenth of the students is held out.
+    users = frame["user_id"].drop_duplicates().to_numpy()
+    rng = np.random.default_rng(settings.seed)
+    held = set(rng.choice(users, size=int(len(users) * 0.1), replace=False).tolist())
+    tracer = KnowledgeTracer(
+        "small",
+        batch_size=settings.batch_sizes["education"],
+        learning_rate=settings.learning_rate,
+        seed=settings.seed,
+        device=settings.device,
+    )
+    plan = tracer.prepare_fit(frame[~frame["user_id"].isin(held)], config_overrides=overrides)
+    return AppRun(
+        "education", tracer, plan, frame[frame["user_id"].isin(held)], settings.batch_sizes["education"]
+    )
+
+
+def _finish_education(run: AppRun, model: Any, out: Path, training: Mapping[str, Any]) -> dict[str, float]:
+    tracer = run.predictor.finish_fit(model, run.plan, dict(training))
+    metrics: dict[str, float] = {}
+    if len(run.validation):
+        metrics = {f"valid_{k}": float(v) for k, v in tracer.evaluate(run.validation).items()}
+    tracer.save(out, metrics=metrics)
+    return metrics
+
+
+PREPARE: Mapping[str, Callable[[Path, SuiteSettings, dict[str, Any]], AppRun]] = {
+    "finance": _prepare_finance,
+    "medical": _prepare_medical,
+    "education": _prepare_education,
+}
+FINISH: Mapping[str, Callable[[AppRun, Any, Path, Mapping[str, Any]], dict[str, float]]] = {
+    "finance": _finish_finance,
+    "medical": _finish_medical,
+    "education": _finish_education,
+}
+HEADLINE_METRICS: Mapping[str, str] = {
+    "finance": "average_precision",
+    "medical": "auroc_macro",
+    "education": "valid_auc",
+}
+"""The metric each app is judged by (fraud AP, diagnosis macro AUROC, knowledge-tracing AUC)."""
+
+
+# ---------------------------------------------------------------------- joint training
+
+
+def _reset_routing(model: Any) -> None:
+    for moe in model.moe_layers():
+        moe.reset_routing_stats()
+
+
+def _tagged(examples: Sequence[Mapping[str, Any]], domain_id: int) -> list[dict[str, Any]]:
+    """The examples with every token (and CT patch) tagged with the suite domain of their app."""
+    return [{**example, "domain_ids": np.int64(domain_id)} for example in examples]
+
+
+def _suite_config(plan: TrainingPlan, groups: Mapping[str, list[int]]) -> Any:
+    from core.config import CoreConfig
+
+    values = plan.config.to_dict()
+    values.update(domains=list(SUITE_DOMAINS), domain_expert_groups=dict(groups))
+    return CoreConfig.from_dict(values)
+
+
+def _routing_stats(parts: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per layer, each app's routed assignments and probability mass per expert, summed over its own domains."""
+    layers: list[dict[str, Any]] = []
+    for name, model in parts.items():
+        for index, moe in enumerate(model.moe_layers()):
+            stats = moe.routing_stats()
+            while len(layers) <= index:
+                layers.append({"counts": {}, "mass": {}, "tokens": {}})
+            layers[index]["counts"][name] = stats["counts"].sum(axis=0).tolist()
+            layers[index]["mass"][name] = stats["mass"].sum(axis=0).tolist()
+            layers[index]["tokens"][name] = int(stats["tokens"].sum())
+    return layers
+
+
+def train_suite(
+    sources: Mapping[str, str | Path], out: str | Path, settings: SuiteSettings | None = None
+) -> dict[str, Any]:
+    """Train the suite model on the given apps' data and write the suite directory.
+
+    Args:
+        sources: app name -> its training data (finance: a transactions file; medical: a folder with
+            cases.csv; education: an interactions CSV). One app alone trains a single-app model with the
+            suite's architecture and schedule (the baseline of the suite's figures).
+        out: the suite directory: `suite.json` and one model directory per app (`out/<app>`).
+        settings: training settings.
+
+    Returns:
+        The contents of `suite.json`.
+
+    Raises:
+        InputValidationError: no app, or an unknown app name; the apps' own errors on bad data.
+    """
+    from transformers import set_seed
+
+    from core.model import CoreModel
+    from core.multitask import MultiTaskModel, RoundCollator, RoundRobinDataset, export_task_model
+    from core.train import MaskedFieldCollator, TaskCollator, default_training_args, run_stage
+
+    settings = settings or SuiteSettings()
+    if not sources:
+        raise InputValidationError(
+            "suite train: give at least one app's data (--finance, --medical, --education)"
+        )
+    unknown = sorted(set(sources) - set(SUITE_DOMAINS))
+    if unknown:
+        raise InputValidationError(f"suite train: unknown apps {unknown}; known: {list(SUITE_DOMAINS)}")
+    names = [name for name in SUITE_DOMAINS if name in sources]
+    out = Path(out)
+    started = time.perf_counter()
+    trunk = trunk_overrides(**dict(settings.trunk))
+    groups = expert_groups(trunk["n_routed_experts"])
+
+    set_seed(settings.seed)
+    runs = {name: PREPARE[name](Path(sources[name]), settings, dict(trunk)) for name in names}
+    set_seed(settings.seed)
+    models = {name: CoreModel(_suite_config(run.plan, groups)) for name, run in runs.items()}
+    suite = MultiTaskModel(models)
+    domain_ids = {name: SUITE_DOMAINS.index(name) for name in names}
+    batch_sizes = {name: run.batch_size for name, run in runs.items()}
+    common = dict(
+        learning_rate=settings.learning_rate,
+        batch_size=1,  # one round (a batch of every app) per step
+        seed=settings.seed,
+        max_steps=settings.max_steps,
+        use_cpu=settings.device == "cpu",
+        logging_steps=10,
+        disable_tqdm=not settings.show_progress,
+    )
+    training: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="suite-train-") as work:
+        if settings.pretrain_epochs > 0:
+            set_seed(settings.seed)
+            dataset = RoundRobinDataset(
+                {n: _tagged(r.plan.pretrain_examples, domain_ids[n]) for n, r in runs.items()},
+                batch_sizes,
+                seed=settings.seed,
+            )
+            collator = RoundCollator({n: MaskedFieldCollator(seed=settings.seed) for n in names})
+            pretrain_steps = (
+                settings.max_steps if settings.pretrain_max_steps is None else settings.pretrain_max_steps
+            )
+            args = default_training_args(
+                Path(work) / "pretrain",
+                epochs=settings.pretrain_epochs,
+                **{**common, "max_steps": pretrain_steps},
+            )
+            training["pretrain"] = run_stage(suite, dataset, args, collator)
+        set_seed(settings.seed)
+        dataset = RoundRobinDataset(
+            {n: _tagged(r.plan.task_examples, domain_ids[n]) for n, r in runs.items()},
+            batch_sizes,
+            seed=settings.seed,
+        )
+        collator = RoundCollator({n: TaskCollator() for n in names})
+        args = default_training_args(Path(work) / "task", epochs=settings.epochs, **common)
+        training["task"] = run_stage(suite, dataset, args, collator)
+    suite.eval()
+
+    out.mkdir(parents=True, exist_ok=True)
+    parts, metrics = {}, {}
+    for name, run in runs.items():
+        part = export_task_model(models[name], run.plan.config, domain_ids[name])
+        parts[name] = part
+        metrics[name] = FINISH[name](run, part, out / name, training)
+        run.metrics = metrics[name]
+    # Each part was saved after its validation pass, so its saved statistics are these.
+    routing = _routing_stats(parts)
+
+    summary = {
+        "schema_version": SUITE_SCHEMA_VERSION,
+        "domains": names,
+        "suite_domains": list(SUITE_DOMAINS),
+        "expert_groups": {**groups, GENERAL_GROUP: _general(groups, trunk["n_routed_experts"])},
+        "trunk": {k: v for k, v in trunk.items()},
+        "metrics": metrics,
+        "headline_metrics": {n: HEADLINE_METRICS[n] for n in names},
+        "routing": {"data": "validation", "layers": routing},
+        "training": {
+            stage: {k: float(v) for k, v in values.items() if isinstance(v, int | float)}
+            for stage, values in training.items()
+        },
+        "settings": {
+            "epochs": settings.epochs,
+            "pretrain_epochs": settings.pretrain_epochs,
+            "learning_rate": settings.learning_rate,
+            "seed": settings.seed,
+            "max_steps": settings.max_steps,
+            "pretrain_max_steps": settings.pretrain_max_steps,
+            "medical_preset": settings.medical_preset,
+            "batch_sizes": batch_sizes,
+        },
+        "data_fingerprints": {n: r.predictor.data_fingerprint_ for n, r in runs.items()},
+        "data_fingerprint": fingerprint(*[r.predictor.data_fingerprint_ for r in runs.values()]),
+        "code_version": code_version(),
+        "train_seconds": round(time.perf_counter() - started, 2),
+    }
+    (out / SUITE_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
+    return summary
+
+
+def _general(groups: Mapping[str, list[int]], n_routed_experts: int) -> list[int]:
+    grouped = {e for experts in groups.values() for e in experts}
+    return [e for e in range(n_routed_experts) if e not in grouped]
+
+
+def read_suite(model_dir: str | Path) -> dict[str, Any]:
+    """The `suite.json` of a suite directory.
+
+    Raises:
+        InputValidationError: the folder has no suite.json (names it and how to make one).
+    """
+    path = Path(model_dir) / SUITE_FILE
+    if not path.is_file():
+        raise InputValidationError(
+            f"{model_dir}: not a suite model directory ({SUITE_FILE} missing); train one with "
+            "`verticals suite train --finance DATA --medical DATA --education DATA --out DIR`"
+        )
+    return json.loads(path.read_text())

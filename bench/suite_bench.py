@@ -1,0 +1,316 @@
+"""Suite benchmark: routing figures of the suite model and each app's metric against its own model, one run.
+
+On generator data (finance transactions, medical CT + record cases, education interactions), in one run:
+
+1. the suite: one shared trunk trained jointly on the three apps (`apps.suite.train.train_suite`);
+2. each app's own model: the same trainer, architecture, settings and number of steps, on that app alone
+   (so the only difference is the joint training);
+3. every model's parts are loaded through the apps' own predictors and scored on held-out test data:
+   fraud average precision (the last week, with the earlier weeks as history), diagnosis macro AUROC
+   (cases of another generator seed), knowledge-tracing AUC (held-out students, pyKT protocol);
+4. the routing report of the suite on its validation data.
+
+Figures (issue 6): >= 80% of each domain's routed mass on its own expert group plus the general experts; no
+expert below 2% use within its group; each app's metric from the suite within 1 point (0.01) of its own
+model's.
+
+Usage:
+    .venv/bin/python bench/suite_bench.py                  # CPU, 1 thread (a few minutes)
+    .venv/bin/python bench/suite_bench.py --device cuda --threads 8
+    .venv/bin/python bench/suite_bench.py --quick          # smoke test
+Writes bench/results/suite_bench.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from apps.suite.routing import routing_report  # noqa: E402
+from apps.suite.train import HEADLINE_METRICS, SuiteSettings, train_suite  # noqa: E402
+from core.train import resolve_model_dir  # noqa: E402
+
+logger = logging.getLogger("suite_bench")
+APPS = ("finance", "medical", "education")
+METRIC_TOLERANCE = 0.01
+ON_GROUP_TARGET = 0.80
+
+
+# ------------------------------------------------------------------------------------------ data
+def make_data(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Generate every app's training and test data under `work`."""
+    from apps.education.service import write_atomic_csv
+    from apps.education.synthetic import generate as simulate_students
+    from apps.finance.synthetic import generate as simulate_transactions
+    from apps.finance.synthetic import write as write_transactions
+    from apps.medical.synthetic import generate as write_cases
+
+    transactions = simulate_transactions(args.accounts, 28, seed=args.seed)
+    cut = transactions["timestamp"].min() + pd.Timedelta(days=21)
+    finance_train = write_transactions(transactions[transactions["timestamp"] < cut], work / "tx_train.csv")
+    finance_test = write_transactions(transactions[transactions["timestamp"] >= cut], work / "tx_test.csv")
+
+    shape = tuple(int(v) for v in args.ct_shape.split("x"))
+    write_cases(work / "med_train", args.cases, args.seed, shape=shape)
+    write_cases(work / "med_test", args.test_cases, args.seed + 1, shape=shape)
+
+    frame, _, _ = simulate_students(
+        students=args.students,
+        skills=8,
+        items_per_skill=6,
+        interactions_per_student=args.answers,
+        seed=args.seed,
+    )
+    users = frame["user_id"].drop_duplicates()
+    test_users = set(users.sample(frac=0.2, random_state=args.seed))
+    rows = frame.drop(columns="source_row")
+    write_atomic_csv(rows[~rows["user_id"].isin(test_users)], work / "edu_train.csv")
+    write_atomic_csv(rows[rows["user_id"].isin(test_users)], work / "edu_test.csv")
+    return {
+        "train": {
+            "finance": finance_train,
+            "medical": work / "med_train",
+            "education": work / "edu_train.csv",
+        },
+        "test": {"finance": finance_test, "medical": work / "med_test", "education": work / "edu_test.csv"},
+        "sizes": {
+            "finance_rows": len(transactions),
+            "finance_frauds": int(transactions["is_fraud"].sum()),
+            "medical_cases": args.cases,
+            "medical_test_cases": args.test_cases,
+            "education_answers": len(frame),
+            "education_students": int(users.size),
+        },
+    }
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def evaluate(app: str, model_dir: Path, data: dict[str, Any], device: str) -> dict[str, float]:
+    """The app's metrics of its part of `model_dir` on the test data, through the app's own predictor."""
+    part = resolve_model_dir(model_dir, app)
+    if app == "finance":
+        from apps.finance.adapters import read_source, validate
+        from apps.finance.metrics import fraud_metrics
+        from apps.finance.predictor import FraudDetector
+
+        detector = FraudDetector.load(part, device=device)
+        history, _ = validate(read_source(str(data["train"]["finance"])))
+        test, _ = validate(read_source(str(data["test"]["finance"])))
+        scores = detector.predict_proba(test, history=history)
+        days = test["timestamp"].dt.floor("D").to_numpy()
+        return fraud_metrics(test["is_fraud"].to_numpy(), scores, days, detector.threshold_)
+    if app == "medical":
+        from apps.medical.predictor import Diagnoser
+        from apps.medical.service import evaluate_model
+
+        return evaluate_model(Diagnoser.load(part, device=device), data["test"]["medical"])
+    from apps.education.adapters import read_interactions
+    from apps.education.predictor import KnowledgeTracer
+
+    tracer = KnowledgeTracer.load(part, device=device)
+    frame = read_interactions(data["test"]["education"], format="canonical", on_invalid="raise").frame
+    return tracer.evaluate(frame)
+
+
+TEST_METRICS = {"finance": "average_precision", "medical": "auroc_macro", "education": "auc"}
+
+
+# ------------------------------------------------------------------------------------------ main
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    work_root = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="suite-bench-"))
+    work_root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    data = make_data(work_root, args)
+    data_seconds = time.perf_counter() - started
+    settings = SuiteSettings(
+        epochs=1000.0,  # the length is set by the step caps, identical for every run
+        pretrain_epochs=1000.0 if args.pretrain_steps > 0 else 0.0,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        max_steps=args.steps,
+        pretrain_max_steps=args.pretrain_steps,
+        medical_preset=args.medical_preset,
+        device=args.device,
+    )
+    runs: dict[str, Any] = {}
+    with warnings.catch_warnings():
+        # Small validation sets: the finance threshold may fall back to best-F1; not what is measured here.
+        warnings.simplefilter("ignore", UserWarning)
+        for label, sources in [("suite", data["train"])] + [(app, {app: data["train"][app]}) for app in APPS]:
+            t0 = time.perf_counter()
+            summary = train_suite(sources, work_root / f"model_{label}", settings)
+            train_seconds = time.perf_counter() - t0
+            tests = {app: evaluate(app, work_root / f"model_{label}", data, args.device) for app in sources}
+            runs[label] = {
+                "train_seconds": round(train_seconds, 1),
+                "validation": {app: summary["metrics"][app].get(HEADLINE_METRICS[app]) for app in sources},
+                "test": {app: tests[app].get(TEST_METRICS[app]) for app in sources},
+                "test_all": tests,
+            }
+            logger.info("%s: %s (%.0f s)", label, runs[label]["test"], train_seconds)
+    report = routing_report(work_root / "model_suite")
+    comparison = {}
+    for app in APPS:
+        suite_value, own_value = runs["suite"]["test"][app], runs[app]["test"][app]
+        delta = None if suite_value is None or own_value is None else suite_value - own_value
+        comparison[app] = {
+            "metric": TEST_METRICS[app],
+            "suite": suite_value,
+            "own": own_value,
+            "delta": delta,
+            "within_tolerance": delta is not None and delta >= -METRIC_TOLERANCE,
+            "within_abs_tolerance": delta is not None and abs(delta) <= METRIC_TOLERANCE,
+        }
+    checks = report["checks"]
+    return {
+        "settings": {
+            "steps": args.steps,
+            "pretrain_steps": args.pretrain_steps,
+            "learning_rate": args.learning_rate,
+            "seed": args.seed,
+            "medical_preset": args.medical_preset,
+            "ct_shape": args.ct_shape,
+            "device": args.device,
+            "threads": args.threads,
+        },
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "cpu": platform.processor()},
+        "data": data["sizes"],
+        "data_seconds": round(data_seconds, 1),
+        "runs": runs,
+        "comparison": comparison,
+        "routing": {
+            "on_group_share_per_layer": [layer["on_group_share"] for layer in report["layers"]],
+            "on_group_share_all_layers": report["all_layers"]["on_group_share"],
+            "max_violation_per_layer": [layer["max_violation"] for layer in report["layers"]],
+            "low_use_experts_per_layer": [layer["low_use_experts"] for layer in report["layers"]],
+            "mass_share_all_layers": report["all_layers"]["mass_share"],
+            "load_all_layers": report["all_layers"]["load"],
+            "expert_groups": report["expert_groups"],
+        },
+        "figures": {
+            "on_group_min": checks["on_group_min"],
+            "on_group_target_met": checks["on_group_min"] >= ON_GROUP_TARGET,
+            "low_use_count": checks["low_use_count"],
+            "no_low_use_met": checks["low_use_count"] == 0,
+            "max_violation": checks["max_violation"],
+            "metrics_within_1_point_met": all(c["within_tolerance"] for c in comparison.values()),
+        },
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s, f = result["settings"], result["figures"]
+    lines = [
+        "# Suite benchmark",
+        "",
+        f"Generator data ({result['data']}); {s['steps']} task steps and {s['pretrain_steps']} masked-field steps "
+        f"per run (one batch of every trained app per step), lr {s['learning_rate']}, seed {s['seed']}, medical "
+        f"preset `{s['medical_preset']}` (CT {s['ct_shape']}), device {s['device']}, {s['threads']} thread(s). "
+        f"Total {result['total_seconds']:.0f} s.",
+        "",
+        "## Each app: suite model vs its own model (same trainer, architecture and steps), held-out test data",
+        "",
+        "| app | metric | suite | own model | delta | within 1 point |",
+        "|---|---|---|---|---|---|",
+    ]
+    for app, c in result["comparison"].items():
+        suite = "n/a" if c["suite"] is None else f"{c['suite']:.4f}"
+        own = "n/a" if c["own"] is None else f"{c['own']:.4f}"
+        delta = "n/a" if c["delta"] is None else f"{c['delta']:+.4f}"
+        lines.append(
+            f"| {app} | {c['metric']} | {suite} | {own} | {delta} | {'yes' if c['within_tolerance'] else 'no'} |"
+        )
+    lines += [
+        "",
+        "Training time (s): "
+        + ", ".join(f"{k} {v['train_seconds']:.0f}" for k, v in result["runs"].items())
+        + ".",
+        "",
+        "## Routing of the suite (validation data of every app)",
+        "",
+        "| layer | "
+        + " | ".join(f"{d}: own group + general" for d in APPS)
+        + " | max violation | experts < 2% of group |",
+        "|---|" + "---|" * (len(APPS) + 2),
+    ]
+    routing = result["routing"]
+    for index, shares in enumerate(routing["on_group_share_per_layer"]):
+        low = routing["low_use_experts_per_layer"][index]
+        low_text = (
+            ", ".join(f"{x['expert']} ({x['group']} {100 * x['share_in_group']:.1f}%)" for x in low) or "none"
+        )
+        lines.append(
+            f"| {index} | "
+            + " | ".join(f"{100 * shares[d]:.1f}%" for d in APPS)
+            + f" | {routing['max_violation_per_layer'][index]:.2f} | {low_text} |"
+        )
+    lines += [
+        "",
+        "## Figures",
+        "",
+        f"- >= 80% of each domain's routed mass on its group + general experts: lowest "
+        f"{100 * f['on_group_min']:.1f}% -> {'met' if f['on_group_target_met'] else 'not met'}",
+        f"- no expert below 2% use within its group: {f['low_use_count']} below -> "
+        f"{'met' if f['no_low_use_met'] else 'not met'}",
+        f"- each app's metric within 1 point of its own model: "
+        f"{'met' if f['metrics_within_1_point_met'] else 'not met'} (a suite metric higher than the own model's "
+        "counts as within)",
+        f"- load balance (max violation, max over layers): {f['max_violation']:.2f}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=160, help="task steps per run")
+    parser.add_argument("--pretrain-steps", type=int, default=24, help="masked-field steps per run (0: skip)")
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--accounts", type=int, default=300)
+    parser.add_argument("--cases", type=int, default=60)
+    parser.add_argument("--test-cases", type=int, default=40)
+    parser.add_argument("--ct-shape", default="32x64x64")
+    parser.add_argument("--medical-preset", default="tiny")
+    parser.add_argument("--students", type=int, default=200)
+    parser.add_argument("--answers", type=int, default=60)
+    parser.add_argument("--work", help="folder for data and models (default: a new temporary folder)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test (not written)")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.pretrain_steps, args.accounts, args.cases, args.test_cases = 6, 2, 60, 15, 10
+        args.ct_shape, args.students, args.answers = "16x32x32", 40, 20
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device")
+    result = run(args)
+    text = markdown(result)
+    print(text)
+    if not args.quick:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "suite_bench.json").write_text(json.dumps(result, indent=2, default=str))
+        (out / "suite_bench.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
