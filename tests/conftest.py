@@ -1,8 +1,9 @@
-"""Shared fixtures: tiny configs, seeding, a transactional in-memory database session."""
+"""Shared fixtures: tiny configs, seeding, a transactional in-memory database session, one demo home."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -12,6 +13,9 @@ from sqlalchemy.orm import Session
 import core.orm  # noqa: F401 - registers the core tables on Base.metadata
 from core.config import CoreConfig
 from core.db import Base, make_engine
+
+if TYPE_CHECKING:
+    from tests.e2e.suite import DemoHome
 
 
 @pytest.fixture(autouse=True)
@@ -72,3 +76,13 @@ def db_session() -> Iterator[Session]:
         transaction.rollback()
         connection.close()
         engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def demo_home(tmp_path_factory: pytest.TempPathFactory) -> DemoHome:
+    """One `verticals demo --no-ui` run per test session (a few minutes on 2 cores), shared by the CLI test
+    and the browser tests. Tests may add rows (analyst actions, reviews, assignments) but must not rely on
+    being alone in it."""
+    from tests.e2e.suite import run_demo
+
+    return run_demo(tmp_path_factory.mktemp("demo") / "home")

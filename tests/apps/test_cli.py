@@ -164,12 +164,14 @@ def test_ui_runs_streamlit_with_settings_in_environment(
     assert env["VERTICALS_HOME"] == str(tmp_path.resolve())
 
 
-def test_demo_without_ui_prepares_home_twice(runner: CliRunner, tmp_path: Path) -> None:
-    home = tmp_path / "demo-home"
-    for _ in range(2):
-        result = runner.invoke(app, ["--home", str(home), "demo", "--no-ui"])
-        assert result.exit_code == 0, result.output
+@pytest.mark.slow  # the session's shared demo run: a few minutes on 2 cores
+def test_demo_without_ui_prepares_home_twice(runner: CliRunner, demo_home) -> None:
+    # The first run is the session's shared demo (tests/conftest.py); the second one reuses what exists.
+    home = demo_home.home
     assert (home / "verticals.db").is_file()
+    result = runner.invoke(app, ["--home", str(home), "demo", "--no-ui"])
+    assert result.exit_code == 0, result.output
+    assert demo_home.password not in result.stdout  # the demo account's password is shown once only
     for name in cli.APP_NAMES:
         if cli._demo_hook(name) is None:
             assert f"{name}: no demo yet" in result.stdout
