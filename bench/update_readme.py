@@ -18,7 +18,16 @@ SECTIONS = {
     "finance-bench": "finance_bench.md",
     "medical-bench": "medical_bench.md",
     "education-bench": "education_bench.md",
+    "education-recommend-bench": "education_recommend_bench.md",
+    "suite-bench": "suite_bench.md",
+    "compress-bench": "compress_bench.md",
 }
+
+
+def _demote(line: str) -> str:
+    """Headings inside a README benchmark block sit below its `###` title: `##`/`###` become `####`."""
+    match = re.match(r"^(#{2,3}) ", line)
+    return "#### " + line[match.end() :] if match else line
 
 
 def main() -> None:
@@ -29,7 +38,7 @@ def main() -> None:
         if f"<!-- {marker} -->" not in readme or not result.is_file():
             continue
         body = "\n".join(
-            line for line in result.read_text().splitlines() if not line.startswith("# ")
+            _demote(line) for line in result.read_text().splitlines() if not line.startswith("# ")
         ).strip()
         block = f"<!-- {marker} -->\n{body}\n<!-- /{marker} -->"
         if f"<!-- /{marker} -->" in readme:
