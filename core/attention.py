@@ -266,7 +266,16 @@ def _compiled(name: str, fn):
 
 
 def _flex_sparse(
-    q, k, v, key_valid, gating_factor, block_size: int, top_k_blocks: int, causal: bool, full_blocks: bool
+    q,
+    k,
+    v,
+    key_valid,
+    gating_factor,
+    block_size: int,
+    top_k_blocks: int,
+    causal: bool,
+    full_blocks: bool,
+    exact_mask: bool,
 ):
     """Gate, selection, block mask and FlexAttention as one function (compiled as one graph on CUDA)."""
     from torch.nn.attention.flex_attention import flex_attention
@@ -276,7 +285,7 @@ def _flex_sparse(
     )
     batch, heads, padded_len, dim = q.shape
     block_mask = build_block_mask(
-        selected, pick_valid, key_valid, block_size, causal, padded_len, full_blocks, exact_mask=False
+        selected, pick_valid, key_valid, block_size, causal, padded_len, full_blocks, exact_mask
     )
     out = flex_attention(q, k, v, block_mask=block_mask)  # (B, H, Tp, D)
     out = out.view(batch, heads, -1, block_size, dim) * factor[..., None, None]  # (B, H, N, bs, D)
@@ -306,22 +315,10 @@ def flex_sparse_attention(
         out (B, H, Tp, D) (already scaled by the straight-through factor), gate_scores (B, H, N, N),
         selected (B, H, N, S), pick_valid (B, H, N, S).
     """
-    if compiled:
-        fused = _compiled("flex_sparse", _flex_sparse)
-        return fused(q, k, v, key_valid, gating_factor, block_size, top_k_blocks, causal, full_blocks)
-
-    from torch.nn.attention.flex_attention import flex_attention
-
-    gate_scores, factor, selected, pick_valid = select_and_gate(
-        q, k, key_valid, gating_factor, block_size, top_k_blocks, causal
+    step = _compiled("flex_sparse", _flex_sparse) if compiled else _flex_sparse
+    return step(
+        q, k, v, key_valid, gating_factor, block_size, top_k_blocks, causal, full_blocks, not compiled
     )
-    batch, heads, padded_len, dim = q.shape
-    block_mask = build_block_mask(
-        selected, pick_valid, key_valid, block_size, causal, padded_len, full_blocks, exact_mask=True
-    )
-    out = flex_attention(q, k, v, block_mask=block_mask)  # (B, H, Tp, D)
-    out = out.view(batch, heads, -1, block_size, dim) * factor[..., None, None]  # (B, H, N, bs, D)
-    return out.view(batch, heads, padded_len, dim), gate_scores, selected, pick_valid
 
 
 class DynamicAttention(nn.Module):

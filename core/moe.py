@@ -276,6 +276,12 @@ class DomainMoE(nn.Module):
         output = self._dispatch(hidden_states_flat, flat_expert, topk_weight, expert_counts)
         return output.reshape(batch_size, seq_len, hidden_size), router_logits  # (B, T, H), (N, E)
 
+    def _shared_output(self, hidden_states_flat: torch.Tensor) -> torch.Tensor:
+        """(N, H) output of the shared experts on every token, zeros without shared experts."""
+        if self.shared_experts is not None:
+            return self.shared_experts(hidden_states_flat)
+        return torch.zeros_like(hidden_states_flat)
+
     def _dispatch(
         self,
         hidden_states_flat: torch.Tensor,
@@ -290,10 +296,7 @@ class DomainMoE(nn.Module):
         """
         if self.dispatch == "grouped" or (self.dispatch == "auto" and _grouped_mm_usable(hidden_states_flat)):
             return self._dispatch_grouped(hidden_states_flat, flat_expert, topk_weight, expert_counts)
-        if self.shared_experts is not None:
-            output = self.shared_experts(hidden_states_flat)  # (N, H)
-        else:
-            output = torch.zeros_like(hidden_states_flat)  # (N, H)
+        output = self._shared_output(hidden_states_flat)  # (N, H)
 
         counts = expert_counts.tolist()  # the one host sync: slice bounds must be Python ints
         num_routed = sum(counts)
@@ -331,10 +334,7 @@ class DomainMoE(nn.Module):
         (SwiGLU has no bias) and pass no gradient on.
         """
         dtype = _compute_dtype(hidden_states_flat)
-        if self.shared_experts is not None:
-            output = self.shared_experts(hidden_states_flat)  # (N, H)
-        else:
-            output = torch.zeros_like(hidden_states_flat)  # (N, H)
+        output = self._shared_output(hidden_states_flat)  # (N, H)
         order = flat_expert.argsort(stable=True)  # (N * k,) assignments grouped by expert, padding last
         token_idx = order // self.top_k  # (N * k,)
         real = (flat_expert.index_select(0, order) < self.num_experts).unsqueeze(-1)  # (N * k, 1)
@@ -357,10 +357,7 @@ class DomainMoE(nn.Module):
     ) -> torch.Tensor:
         """Export-friendly dispatch (ONNX): per expert, `nonzero` finds its assignments, the expert runs on
         those tokens only and `index_add` scatters the result; sizes stay data-dependent, never dense."""
-        if self.shared_experts is not None:
-            output = self.shared_experts(hidden_states_flat)  # (N, H)
-        else:
-            output = torch.zeros_like(hidden_states_flat)  # (N, H)
+        output = self._shared_output(hidden_states_flat)  # (N, H)
         weights = topk_weight.reshape(-1, 1)  # (N * k, 1)
         for expert_id, expert in enumerate(self.experts):
             assignment = (flat_expert == expert_id).nonzero().reshape(-1)  # (M_e,) padding never matches
