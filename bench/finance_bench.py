@@ -394,6 +394,14 @@ def _where(section: dict) -> str:
     )
 
 
+def _per_backend(section: dict, describe) -> list[str]:
+    """Markdown lines of a section measured per backend: where it ran, then `describe(backend, figures)`."""
+    lines: list[str] = []
+    for backend, figures in section.get("backends", {}).items():
+        lines += [_where(figures), "", describe(backend, figures), ""]
+    return lines
+
+
 def markdown(results: dict) -> str:
     lines = [
         "# Finance benchmark",
@@ -432,29 +440,27 @@ def markdown(results: dict) -> str:
     if "throughput" in results:
         t = results["throughput"]
         lines += ["## batch scoring (one thread, CSV in, Parquet out)", ""]
-        for backend, b in t.get("backends", {}).items():
-            lines += [
-                _where(b),
-                "",
-                f"{backend}: {b['rows']:,} rows in {b['seconds']} s: **{b['rows_per_second']:,.0f} rows/s** "
-                f"wall clock; {b.get('cpu_seconds')} s of CPU: **{b.get('rows_per_cpu_second', 0):,.0f} rows per "
-                f"CPU second** (target {t['target_rows_per_second']:,})",
-                "",
-            ]
+        lines += _per_backend(
+            t,
+            lambda backend, b: (
+                f"{backend}: {b['rows']:,} rows in {b['seconds']} s: **{b['rows_per_second']:,.0f} "
+                f"rows/s** wall clock; {b.get('cpu_seconds')} s of CPU: **{b.get('rows_per_cpu_second', 0):,.0f} rows "
+                f"per CPU second** (target {t['target_rows_per_second']:,})"
+            ),
+        )
         if "max_score_difference" in t:
             lines += [f"largest score difference onnx vs torch: {t['max_score_difference']:.2e}", ""]
     if "realtime" in results:
         r = results["realtime"]
         lines += ["## real-time scoring (one thread)", ""]
-        for backend, b in r.get("backends", {}).items():
-            lines += [
-                _where(b),
-                "",
-                f"{backend}: {r['transactions']:,} transactions: wall clock p50 **{b['p50_ms']} ms**, p99 "
-                f"**{b['p99_ms']} ms**, max {b['max_ms']} ms; CPU time p50 **{b.get('cpu_p50_ms')} ms**, p99 "
-                f"**{b.get('cpu_p99_ms')} ms** (target p99 {r['target_p99_ms']} ms)",
-                "",
-            ]
+        lines += _per_backend(
+            r,
+            lambda backend, b: (
+                f"{backend}: {r['transactions']:,} transactions: wall clock p50 **{b['p50_ms']} "
+                f"ms**, p99 **{b['p99_ms']} ms**, max {b['max_ms']} ms; CPU time p50 **{b.get('cpu_p50_ms')} ms**, "
+                f"p99 **{b.get('cpu_p99_ms')} ms** (target p99 {r['target_p99_ms']} ms)"
+            ),
+        )
     if "explain" in results:
         e = results["explain"]
         lines += [

@@ -35,6 +35,9 @@ ColumnsOption = Annotated[
     typer.Option("--columns", help="JSON mapping canonical name -> source column (canonical format)."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+HistoryOption = Annotated[
+    Optional[str], typer.Option("--history", help="Earlier transactions (context only).")
+]
 
 
 def _check_format(format: str) -> None:
@@ -148,9 +151,7 @@ def train(
 def evaluate(
     model: ModelOption,
     data: Annotated[str, typer.Option("--data", help="Labelled source to evaluate on.")],
-    history: Annotated[
-        Optional[str], typer.Option("--history", help="Earlier transactions (context only).")
-    ] = None,
+    history: HistoryOption = None,
     format: FormatOption = "canonical",
     columns: ColumnsOption = None,
     as_json: JsonOption = False,
@@ -192,9 +193,7 @@ def score(
         str, typer.Option("--output", help="Destination: .csv, .csv.gz, .parquet or URL::TABLE.")
     ],
     chunk_size: Annotated[int, typer.Option("--chunk-size", help="Rows per chunk.")] = 100_000,
-    history: Annotated[
-        Optional[str], typer.Option("--history", help="Earlier transactions (context only).")
-    ] = None,
+    history: HistoryOption = None,
     format: FormatOption = "canonical",
     columns: ColumnsOption = None,
     on_invalid: Annotated[
