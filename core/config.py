@@ -59,8 +59,12 @@ class CoreConfig(PretrainedConfig):
         num_modalities: modality embeddings (e.g. record fields, CT patches).
         volume_patch_size: (depth, height, width) voxels per CT patch token.
         volume_channels: channels of the CT input (window presets stacked as channels).
+        volume_stem_channels: 0: each patch is one linear projection (ViT). > 0: a convolutional stem of
+            this many channels (two 3x3x3 convolutions with GELU) runs at full resolution first, and each
+            patch token is projected from the mean and the max of the stem features inside the patch, so
+            a lesion a few voxels wide anywhere in the patch shows in its token.
         num_labels: classes of the classification head (0: no head).
-        classifier_pooling: "mean", "last" or "first" token pooling for classification.
+        classifier_pooling: "mean", "max", "last" or "first" token pooling for classification.
         next_step_vocab: items the next-step head can score (0: no head).
         prototype_dim: size of the prototype (few-shot) embedding (0: no head).
         classification_loss: "ce" (cross-entropy) or "focal" for the classification heads.
@@ -121,6 +125,7 @@ class CoreConfig(PretrainedConfig):
         num_modalities: int = 1,
         volume_patch_size: Sequence[int] = (4, 16, 16),
         volume_channels: int = 1,
+        volume_stem_channels: int = 0,
         num_labels: int = 0,
         classifier_pooling: str = "mean",
         next_step_vocab: int = 0,
@@ -171,6 +176,7 @@ class CoreConfig(PretrainedConfig):
         self.num_modalities = num_modalities
         self.volume_patch_size = list(volume_patch_size)
         self.volume_channels = volume_channels
+        self.volume_stem_channels = volume_stem_channels
         self.classifier_pooling = classifier_pooling
         self.next_step_vocab = next_step_vocab
         self.prototype_dim = prototype_dim
@@ -349,11 +355,17 @@ class CoreConfig(PretrainedConfig):
             "three positive integers (depth, height, width)",
             self.volume_patch_size,
         )
+        _expect(
+            self.volume_stem_channels >= 0,
+            "volume_stem_channels",
+            "an integer >= 0",
+            self.volume_stem_channels,
+        )
         _expect(self.num_labels >= 0, "num_labels", "an integer >= 0", self.num_labels)
         _expect(
-            self.classifier_pooling in ("mean", "last", "first"),
+            self.classifier_pooling in ("mean", "max", "last", "first"),
             "classifier_pooling",
-            "one of ('mean', 'last', 'first')",
+            "one of ('mean', 'max', 'last', 'first')",
             self.classifier_pooling,
         )
         _expect(self.next_step_vocab >= 0, "next_step_vocab", "an integer >= 0", self.next_step_vocab)

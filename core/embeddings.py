@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from core.config import CoreConfig
@@ -179,14 +180,38 @@ class VolumeEmbedder(nn.Module):
 
     Input volumes are (B, C, D, H, W) (channels are window presets or HU scaled by the app), with each
     spatial size a multiple of `config.volume_patch_size`.
+
+    With `config.volume_stem_channels` 0 a patch is one linear projection (ViT) and the positions are added
+    before the norm. A linear projection of a whole patch barely separates a small lesion from the
+    anatomy around it (it depends on where in the patch the lesion lies), so the CT presets use the
+    convolutional stem instead (Xiao et al. 2021, "Early convolutions help transformers see better"): two
+    3x3x3 convolutions at full resolution, then each token is projected from the mean and the max of the
+    stem features over its patch, normalised, and the positions are added after the norm so they cannot
+    drown the content.
     """
 
     def __init__(self, config: CoreConfig) -> None:
         super().__init__()
         self.patch_size = tuple(config.volume_patch_size)
-        self.proj = nn.Conv3d(
-            config.volume_channels, config.hidden_size, kernel_size=self.patch_size, stride=self.patch_size
-        )
+        stem = config.volume_stem_channels
+        if stem:
+            self.stem = nn.Sequential(
+                nn.Conv3d(config.volume_channels, stem, kernel_size=3, padding=1),
+                nn.GELU(),
+                nn.Conv3d(stem, stem, kernel_size=3, padding=1),
+                nn.GELU(),
+            )
+            for conv in self.stem[::2]:
+                conv.fan_in_init = True  # see CoreModel._init_weights
+            self.proj = nn.Linear(2 * stem, config.hidden_size)
+        else:
+            self.stem = None
+            self.proj = nn.Conv3d(
+                config.volume_channels,
+                config.hidden_size,
+                kernel_size=self.patch_size,
+                stride=self.patch_size,
+            )
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def grid(self, volume_shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -202,7 +227,17 @@ class VolumeEmbedder(nn.Module):
     def forward(self, volume: torch.Tensor) -> torch.Tensor:
         """Embed (B, C, D, H, W) volumes into (B, D'*H'*W', hidden) patch tokens."""
         grid = self.grid(tuple(volume.shape))
-        tokens = self.proj(volume)  # (B, hidden, D', H', W')
-        tokens = tokens.flatten(2).transpose(1, 2)  # (B, N, hidden)
-        tokens = tokens + sincos_3d(grid, tokens.shape[-1], tokens.device).to(tokens.dtype)
-        return self.norm(tokens)
+        if self.stem is None:
+            tokens = self.proj(volume).flatten(2).transpose(1, 2)  # (B, N, hidden)
+            tokens = tokens + sincos_3d(grid, tokens.shape[-1], tokens.device).to(tokens.dtype)
+            return self.norm(tokens)
+        features = self.stem(volume)  # (B, S, D, H, W)
+        pooled = torch.cat(
+            [
+                F.avg_pool3d(features, self.patch_size, self.patch_size),
+                F.max_pool3d(features, self.patch_size, self.patch_size),
+            ],
+            dim=1,
+        )  # (B, 2S, D', H', W')
+        tokens = self.norm(self.proj(pooled.flatten(2).transpose(1, 2)))  # (B, N, hidden)
+        return tokens + sincos_3d(grid, tokens.shape[-1], tokens.device).to(tokens.dtype)

@@ -173,6 +173,10 @@ class CoreModel(PreTrainedModel):
             nn.init.normal_(module.weight, std=std)
             if module.padding_idx is not None:
                 module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.Conv3d) and getattr(module, "fan_in_init", False):
+            # The CT stem's convolutions: PyTorch's fan-in initialisation (the 0.02 normal meant for
+            # patch projections would shrink the signal conv by conv).
+            module.reset_parameters()
         elif isinstance(module, nn.Conv3d):
             nn.init.normal_(module.weight, std=std)
             nn.init.zeros_(module.bias)
@@ -365,6 +369,8 @@ class CoreModel(PreTrainedModel):
         mask = attention_mask.to(hidden_states.dtype)  # (B, T)
         if self.config.classifier_pooling == "mean":
             return (hidden_states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
+        if self.config.classifier_pooling == "max":  # a finding in a few tokens is not averaged away
+            return hidden_states.masked_fill(~attention_mask.bool()[..., None], float("-inf")).amax(dim=1)
         positions = torch.arange(hidden_states.shape[1], device=hidden_states.device)
         if self.config.classifier_pooling == "last":
             index = (attention_mask * positions).amax(dim=1)  # last real token

@@ -187,3 +187,40 @@ def test_prototype_logits_prefer_the_nearest_prototype() -> None:
     prototypes = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     logits = prototype_logits(torch.tensor([[0.9, 0.1], [0.0, 1.0]]), prototypes)
     assert logits.argmax(dim=1).tolist() == [0, 1]
+
+
+def test_convolutional_ct_stem_sees_a_small_finding_anywhere_in_its_patch() -> None:
+    """With the stem, a bright 2-voxel spot changes only the token of the patch that holds it, wherever in
+    the patch it lies, and the stem keeps PyTorch's fan-in initialisation (not the 0.02 normal)."""
+    model = CoreModel(model_config(volume_stem_channels=4, volume_patch_size=(4, 8, 8))).eval()
+    stem_conv = model.volume_embedder.stem[0]
+    assert stem_conv.weight.std() > 0.05  # 0.02 would shrink the signal conv by conv
+    base = torch.zeros(1, 1, 8, 32, 32)
+    with torch.no_grad():
+        reference = model.volume_embedder(base)
+        for z, y, x in [(1, 1, 1), (2, 6, 5)]:  # two places inside patch (0, 0, 0)
+            spot = base.clone()
+            spot[0, 0, z, y : y + 2, x] = 5.0
+            changed = (model.volume_embedder(spot) - reference).abs().amax(dim=-1)[0]
+            assert changed[0] > 1e-3
+            # (4, 8, 8) patches of (8, 32, 32): patch 0 and its 3x3x3-conv neighbours stay apart from the
+            # far corner patch, which must not move.
+            assert changed[-1] < 1e-6
+
+
+def test_max_pooling_ignores_padding_and_keeps_the_strongest_token() -> None:
+    model = CoreModel(model_config(classifier_pooling="max"))
+    hidden = torch.tensor([[[1.0, -2.0], [3.0, 0.5], [9.0, 9.0]]])
+    mask = torch.tensor([[True, True, False]])
+    torch.testing.assert_close(model.pool(hidden, mask), torch.tensor([[3.0, 0.5]]))
+
+
+def test_model_with_ct_stem_trains_and_round_trips(tmp_path) -> None:
+    model = CoreModel(model_config(volume_stem_channels=4, volume_patch_size=(4, 8, 8)))
+    out = model(**make_batch())
+    out.loss.backward()
+    assert model.volume_embedder.stem[0].weight.grad.abs().sum() > 0
+    model.eval().save_pretrained(tmp_path)
+    loaded = CoreModel.from_pretrained(tmp_path).eval()
+    batch = make_batch()
+    torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
