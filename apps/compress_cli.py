@@ -5,6 +5,12 @@ Usage:
     verticals compress --model models/tracer --data edu/val.csv --out models/tracer-small \\
         --prune-experts --prune-ffn 0.25 --int8 --qat-steps 50 --qat-data edu/train.csv
     verticals compress --model suite --domain medical --data cases --out medical-int8 --prune-experts --int8
+    verticals compress --model suite --domain finance --data tx_val.csv --out fraud-int8 --int8 \
+        --keep-fp32 classifier --keep-sensitive 0.05
+
+With a suite directory and `--domain D` the part `suite/D` (the shared trunk plus that app's embedders and
+heads, no other app's) is compressed; `--prune-experts` keeps the experts D's routing uses, and
+`compression.json` also sizes the artifact against the whole fp32 suite (`suite_safetensors_bytes`).
 
 The output is a model directory the app commands load unchanged (`verticals finance score --model OUT`,
 ...): pruned fp32 weights (`model.safetensors`), or with `--int8` / `--qat-steps` an ONNX Runtime int8
@@ -140,6 +146,47 @@ def app_task(model_dir: Path) -> tuple[str, AppTask]:
     return name, APP_TASKS[name]
 
 
+def suite_safetensors_bytes(suite_dir: Path) -> int:
+    """Bytes of the fp32 suite model as one safetensors file: every tensor of its parts, the shared trunk once.
+
+    The parts of a suite directory (`DIR/<app>/model.safetensors`) each hold a copy of the shared trunk; a
+    tensor with the same name and the same bytes in several parts is counted once (the trunk), every other
+    tensor (each app's embedders, heads, domain rows) once per part. The tensors are written to a temporary
+    safetensors file and its size returned, so the figure includes the format's header like the parts'.
+
+    Raises:
+        InputValidationError: not a suite directory, or a part without model.safetensors.
+    """
+    import hashlib
+    import tempfile
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from apps.suite.train import read_suite
+
+    suite_dir = Path(suite_dir)
+    unique: dict[str, Any] = {}
+    seen: set[tuple[str, str]] = set()
+    for domain in read_suite(suite_dir)["domains"]:
+        path = suite_dir / domain / "model.safetensors"
+        if not path.is_file():
+            raise InputValidationError(f"{path}: missing; the suite part {domain!r} has no fp32 weights")
+        with safe_open(str(path), framework="pt") as weights:
+            for name in weights.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                tensor = weights.get_tensor(name)
+                digest = hashlib.sha256(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+                if (name, digest) in seen:
+                    continue
+                seen.add((name, digest))
+                unique[f"{domain}.{name}"] = tensor.contiguous()
+    with tempfile.TemporaryDirectory(prefix="verticals-suite-size-") as work:
+        target = Path(work) / "suite.safetensors"
+        save_file(unique, str(target))
+        return target.stat().st_size
+
+
 def _subsample(examples: Sequence[dict[str, Any]], limit: int, seed: int = 0) -> list[dict[str, Any]]:
     import numpy as np
 
@@ -191,8 +238,22 @@ def run_compression(
     parent_metrics = task.evaluate(model_dir, data)
     artifact_metrics = task.evaluate(out, data)
     deltas = metric_deltas(parent_metrics, artifact_metrics)
+    suite = None
+    if model_dir != Path(model):  # a part of a suite directory: also size against the whole suite model
+        report = json.loads((out / "compression.json").read_text())
+        suite_bytes = suite_safetensors_bytes(Path(model))
+        suite = {
+            "suite_dir": str(Path(model).resolve()),
+            "domain": domain,
+            "suite_safetensors_bytes": suite_bytes,
+            "size_ratio_vs_suite": round(report["sizes"]["artifact_bytes"] / suite_bytes, 4),
+            "size_ratio_vs_suite_with_explanations": round(
+                report["sizes"]["artifact_bytes_with_explanations"] / suite_bytes, 4
+            ),
+        }
     return update_report(
         out,
+        suite=suite,
         metrics={
             "data": str(data),
             "qat_data": str(qat_data or data) if options.qat_steps else None,
@@ -240,6 +301,23 @@ def compress_command(
         bool,
         typer.Option(help="Also export the explanation graph (attention weights) used by explain/diagnose."),
     ] = True,
+    keep_fp32: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--keep-fp32",
+            help="Module path pattern kept in fp32 by --int8 (repeatable, e.g. 'volume_embedder.*', "
+            "'classifier'); always kept: the MoE routers and domain priors and the CT volume embedder.",
+        ),
+    ] = None,
+    keep_sensitive: Annotated[
+        float,
+        typer.Option(
+            "--keep-sensitive",
+            min=0.0,
+            help="Keep fp32 every module group (embedder, layer attention/FFN, head) whose int8 quantisation "
+            "alone changes the outputs by more than this relative error on the calibration data (0: off).",
+        ),
+    ] = 0.0,
     calibration_size: Annotated[
         int, typer.Option("--calibration-size", min=1, help="Examples for statistics and latency.")
     ] = 256,
@@ -261,7 +339,11 @@ def compress_command(
         raise ConfigError(
             "compress: nothing to do; give --prune-experts, --prune-ffn R, --prune-heads R, --int8 or --qat-steps N"
         )
+    from core.onnx_model import KEEP_FP32_DEFAULT
+
     options = CompressionOptions(
+        keep_fp32=tuple(KEEP_FP32_DEFAULT) + tuple(keep_fp32 or ()),
+        keep_sensitive=keep_sensitive,
         prune_experts=prune_experts,
         expert_threshold=expert_threshold,
         ffn_ratio=prune_ffn,

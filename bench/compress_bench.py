@@ -1,22 +1,32 @@
-"""Compression benchmark: size, CPU latency and metric cost of int8 / pruned+int8 / QAT+int8 per app.
+"""Compression benchmark: the suite model compressed per domain (int8, pruned+int8, pruned+QAT+int8).
 
-One run, the fp32 eager parent as the baseline. Per app (fraud AP, knowledge-tracing AUC, diagnosis
-AUROC on each app's generator data) a small model is trained here (or `--<app>-model DIR` is used), then
-three artifacts are made with `verticals compress`'s code path (`apps.compress_cli.run_compression`):
+One run, the fp32 eager parent as the baseline. A small suite model (`verticals suite train`'s
+`apps.suite.train.train_suite`, `bench/suite_bench.py`'s generator data and settings) is trained here, or
+`--suite-model DIR` is used; then each domain's part (`DIR/<domain>`: the shared trunk plus that app's
+embedders and heads, no other app's) is compressed with `verticals compress --model DIR --domain D`'s code
+path (`apps.compress_cli.run_compression`) into three artifacts:
 
 - ``int8``: ONNX export + ONNX Runtime dynamic int8 (post-training quantisation, PTQ);
-- ``pruned_int8``: expert pruning (experts at most `--expert-threshold` of the domain's assignments) +
-  `--prune-ffn` of the FFN units, then int8;
-- ``qat_int8``: `--qat-steps` fake-quantised fine-tuning steps on the training split, then int8.
+- ``pruned_int8``: expert pruning from the domain's routing statistics (experts with at most
+  `--expert-threshold` of its assignments dropped) + `--prune-ffn` of the FFN units, then int8;
+- ``pruned_qat_int8``: the same pruning, `--qat-steps` fake-quantised fine-tuning steps on the domain's
+  training data, then int8.
 
-Figures (issue 6): artifact size <= 18% of the parent's fp32 safetensors; latency >= 3x lower than fp32
-eager at batch 1 and 64; metric drop <= 1 point after PTQ, <= 0.5 after QAT. Latencies are medians over
-`--repeats` forwards with `--threads` intra-op threads for both torch and ONNX Runtime.
+The metric (fraud AP, knowledge-tracing AUC, diagnosis macro AUROC) is measured by each app's own evaluation
+on its held-out test data, through the app's predictor loading the artifact.
+
+Figures (issue 6): artifact size <= 18% of the fp32 suite model's safetensors (every part's tensors, the
+shared trunk once: `apps.compress_cli.suite_safetensors_bytes`); latency >= 3x lower than fp32 eager at batch
+1 and 64; metric drop <= 1 point after PTQ, <= 0.5 after QAT. Latencies are medians over `--repeats` forwards
+with `--threads` intra-op threads for torch and ONNX Runtime alike (inter-op 1, sequential). Where the int8
+graph spends its time at batch 64 is profiled with ONNX Runtime's profiler (`core.onnx_model.profile_ops`).
 
 Usage:
-    python bench/compress_bench.py                       # all three apps, small sizes
-    python bench/compress_bench.py --apps education --qat-steps 50 --threads 4
-Writes bench/results/compress_bench.json and .md.
+    .venv/bin/python bench/compress_bench.py                      # trains the suite (~3 min), CPU, 1 thread
+    .venv/bin/python bench/compress_bench.py --suite-model /tmp/verticals_compress_bench/suite
+    .venv/bin/python bench/compress_bench.py --apps education --qat-steps 50
+Writes bench/results/compress_bench.json and .md. ONNX Runtime runs on the CPU; `--device cuda` only trains
+the suite on the GPU.
 """
 
 from __future__ import annotations
@@ -32,98 +42,54 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
 from apps.compress_cli import run_compression  # noqa: E402
 from core.compress import CompressionOptions  # noqa: E402
+from core.onnx_model import KEEP_FP32_DEFAULT  # noqa: E402
 
-VARIANTS = ("int8", "pruned_int8", "qat_int8")
+APPS = ("finance", "medical", "education")
+VARIANTS = ("int8", "pruned_int8", "pruned_qat_int8")
 
 
-def _finance_data(work: Path, args: argparse.Namespace) -> tuple[Path, Path, Path]:
-    """Generated transactions split by time; a channel-routed MoE model trained on the first part."""
-    import pandas as pd
+def suite_data(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """`bench/suite_bench.py`'s generator data (training and held-out test data of every app) under `work`."""
+    from suite_bench import make_data
 
-    from apps.finance.predictor import FraudDetector
-    from apps.finance.synthetic import generate
+    return make_data(work, args)
 
-    df = generate(args.finance_accounts, 35, seed=args.seed).reset_index(drop=True)
-    cut = df["timestamp"].min().normalize() + pd.Timedelta(days=26)
-    train, val = work / "train.parquet", work / "val.parquet"
-    df[df["timestamp"] < cut].to_parquet(train, index=False)
-    df[df["timestamp"] >= cut].to_parquet(val, index=False)
-    model_dir = work / "model"
-    if args.finance_model:
-        return args.finance_model, train, val
+
+def suite_model(work: Path, data: dict[str, Any], args: argparse.Namespace) -> Path:
+    """The suite model to compress: `--suite-model`, or one trained here with the suite benchmark's settings."""
+    from apps.suite.train import SuiteSettings, train_suite
+
+    if args.suite_model:
+        return args.suite_model
+    settings = SuiteSettings(
+        epochs=1000.0,  # the step caps set the length
+        pretrain_epochs=1000.0 if args.pretrain_steps > 0 else 0.0,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        max_steps=args.steps,
+        pretrain_max_steps=args.pretrain_steps,
+        medical_preset=args.medical_preset,
+        device=args.device,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        detector = FraudDetector(
-            use_moe=True, epochs=args.epochs, pretrain_epochs=0.25, seed=args.seed, hidden_size=args.hidden
-        ).fit(df[df["timestamp"] < cut])
-    detector.save(model_dir)
-    return model_dir, train, val
+        train_suite(data["train"], work / "suite", settings)
+    return work / "suite"
 
 
-def _education_data(work: Path, args: argparse.Namespace) -> tuple[Path, Path, Path]:
-    from apps.education.predictor import KnowledgeTracer
-    from apps.education.service import write_atomic_csv
-    from apps.education.synthetic import generate
-
-    frame, _, _ = generate(students=args.education_students, seed=args.seed)
-    frame = frame.drop(columns="source_row")
-    users = frame["user_id"].drop_duplicates().sample(frac=1.0, random_state=args.seed).to_numpy()
-    held_out = set(users[: len(users) // 4])
-    train, val = work / "train.csv", work / "val.csv"
-    write_atomic_csv(frame[~frame["user_id"].isin(held_out)], train)
-    write_atomic_csv(frame[frame["user_id"].isin(held_out)], val)
-    if args.education_model:
-        return args.education_model, train, val
-    from apps.education.adapters import read_interactions
-
-    tracer = KnowledgeTracer(
-        preset="small", task_epochs=args.epochs, seed=args.seed, config_overrides={"hidden_size": args.hidden}
-    ).fit(read_interactions(train).frame)
-    model_dir = work / "model"
-    tracer.save(model_dir)
-    return model_dir, train, val
-
-
-def _medical_data(work: Path, args: argparse.Namespace) -> tuple[Path, Path, Path]:
-    from apps.medical.adapters import read_cases
-    from apps.medical.predictor import Diagnoser
-    from apps.medical.synthetic import generate
-
-    train, val = work / "train", work / "val"
-    shape = (32, 64, 64)
-    for folder, count, seed in (
-        (train, args.medical_cases, args.seed),
-        (val, args.medical_cases // 2, args.seed + 1),
-    ):
-        if not (folder / "cases.csv").is_file():
-            generate(folder, count, seed, shape=shape)
-    if args.medical_model:
-        return args.medical_model, train, val
-    diagnoser = Diagnoser(
-        "small", epochs=args.epochs * 3, pretrain_epochs=0.5, seed=args.seed, show_progress=False
-    ).fit(read_cases(train))
-    model_dir = work / "model"
-    diagnoser.save(model_dir)
-    return model_dir, train, val
-
-
-DATA = {"finance": _finance_data, "education": _education_data, "medical": _medical_data}
-
-
-def _finance_paths(parent: Path, artifact: Path, val: Path, args: argparse.Namespace) -> dict[str, Any]:
+def _finance_paths(parent: Path, artifact: Path, test: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Batch scoring rows/s and real-time ms per transaction, parent vs artifact."""
-    import pandas as pd
-
-    from apps.finance.adapters import validate
+    from apps.finance.adapters import read_source, validate
     from apps.finance.predictor import FraudDetector
     from apps.finance.service import RealtimeScorer
 
-    frame, _ = validate(pd.read_parquet(val))
+    frame, _ = validate(read_source(str(test)))
     out: dict[str, Any] = {}
     for name, model_dir in (("parent", parent), ("artifact", artifact)):
         detector = FraudDetector.load(model_dir)
@@ -144,12 +110,12 @@ def _finance_paths(parent: Path, artifact: Path, val: Path, args: argparse.Names
     return out
 
 
-def _medical_paths(parent: Path, artifact: Path, val: Path, args: argparse.Namespace) -> dict[str, Any]:
+def _medical_paths(parent: Path, artifact: Path, test: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Per-case latency of `Diagnoser.explain` (what `verticals medical diagnose` runs), parent vs artifact."""
     from apps.medical.adapters import read_cases
     from apps.medical.predictor import Diagnoser
 
-    cases = read_cases(val)[: args.medical_latency_cases]
+    cases = read_cases(test)[: args.medical_latency_cases]
     out: dict[str, Any] = {}
     for name, model_dir in (("parent", parent), ("artifact", artifact)):
         diagnoser = Diagnoser.load(model_dir)
@@ -166,43 +132,65 @@ def _medical_paths(parent: Path, artifact: Path, val: Path, args: argparse.Names
 APP_PATHS = {"finance": _finance_paths, "medical": _medical_paths}
 
 
-def _options(variant: str, args: argparse.Namespace, use_moe: bool) -> CompressionOptions:
-    options = CompressionOptions(int8=True, latency_repeats=args.repeats, explanations=True)
+def _options(variant: str, domain: str, args: argparse.Namespace) -> CompressionOptions:
+    from core.onnx_model import KEEP_FP32_DEFAULT
+
+    keep = tuple(KEEP_FP32_DEFAULT) + tuple(getattr(args, f"{domain}_keep_fp32") or ())
+    options = CompressionOptions(int8=True, latency_repeats=args.repeats, explanations=True, keep_fp32=keep)
     if variant == "pruned_int8":
-        options.prune_experts = use_moe
+        options.keep_sensitive = args.keep_sensitive  # the scan is recorded in compression.json
+    if variant.startswith("pruned"):
+        options.prune_experts = True
         options.expert_threshold = args.expert_threshold
         options.ffn_ratio = args.prune_ffn
-    if variant == "qat_int8":
+    if variant == "pruned_qat_int8":
         options.qat_steps = args.qat_steps
     return options
 
 
-def run_app(name: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Train (or take) the parent, make the three artifacts, collect their figures."""
-    from core.config import CoreConfig
+def _profile(part: Path, artifact: Path, examples: list, batch_size: int) -> dict[str, Any]:
+    """ONNX Runtime kernel time per op type of the artifact's inference graph at `batch_size`."""
+    from core.compress import _repeat_to
+    from core.data import collate
+    from core.onnx_model import OnnxCoreModel, inference_inputs, profile_ops
 
-    started = time.perf_counter()
-    work.mkdir(parents=True, exist_ok=True)
-    model_dir, train, val = DATA[name](work, args)
-    print(f"{name}: parent {model_dir} ready in {time.perf_counter() - started:.0f}s", flush=True)
-    use_moe = CoreConfig.from_pretrained(model_dir).use_moe
+    model = OnnxCoreModel(artifact, threads=1)
+    inputs = inference_inputs(collate(_repeat_to(examples, batch_size)))
+    inputs.pop("next_item_ids", None)
+    return profile_ops(artifact, model._feed(inputs))
+
+
+def run_domain(
+    domain: str, suite: Path, data: dict[str, Any], work: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Compress one domain's part of the suite into the three artifacts and collect their figures."""
+    from apps.compress_cli import APP_TASKS
+    from core.train import resolve_model_dir
+
+    part = resolve_model_dir(suite, domain)
+    test, train = data["test"][domain], data["train"][domain]
     rows = {}
     for variant in VARIANTS:
         t0 = time.perf_counter()
         report = run_compression(
-            model_dir,
+            suite,
             work / variant,
-            str(val),
-            _options(variant, args, use_moe),
-            qat_data=str(train) if variant == "qat_int8" else None,
+            str(test),
+            _options(variant, domain, args),
+            qat_data=str(train) if "qat" in variant else None,
+            domain=domain,
             calibration_size=args.calibration_size,
         )
         metrics = report["metrics"]
         rows[variant] = {
-            "size_ratio": report["sizes"]["size_ratio"],
+            "size_ratio_vs_suite": report["suite"]["size_ratio_vs_suite"],
+            "size_ratio_vs_suite_with_explanations": report["suite"]["size_ratio_vs_suite_with_explanations"],
+            "size_ratio_vs_part": report["sizes"]["size_ratio"],
             "artifact_bytes": report["sizes"]["artifact_bytes"],
             "artifact_bytes_with_explanations": report["sizes"]["artifact_bytes_with_explanations"],
-            "parent_bytes": report["sizes"]["parent_safetensors_bytes"],
+            "part_bytes": report["sizes"]["parent_safetensors_bytes"],
+            "suite_bytes": report["suite"]["suite_safetensors_bytes"],
+            "parameters": report["parameters"],
             "speedup_b1": report["latency"]["batch_1"]["speedup"],
             "speedup_b64": report["latency"]["batch_64"]["speedup"],
             "latency": report["latency"],
@@ -211,50 +199,193 @@ def run_app(name: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
             "artifact_metric": metrics["artifact"][metrics["headline"]],
             "delta_points": metrics["headline_delta_points"],
             "pruned": report["pruned"],
+            "steps": report["steps"],
             "seconds": round(time.perf_counter() - t0, 1),
         }
-        print(
-            f"{name} {variant}: {json.dumps({k: v for k, v in rows[variant].items() if k not in ('latency', 'pruned')})}",
-            flush=True,
-        )
+        shown = {k: v for k, v in rows[variant].items() if k not in ("latency", "pruned", "steps")}
+        print(f"{domain} {variant}: {json.dumps(shown)}", flush=True)
+    examples = APP_TASKS[domain].examples(part, str(test))[: args.calibration_size]
+    profiles = {variant: _profile(part, work / variant, examples, 64) for variant in ("int8", "pruned_int8")}
     paths = None
-    if name in APP_PATHS:
-        paths = APP_PATHS[name](model_dir, work / "pruned_int8", val, args)
-        print(f"{name} app paths (parent vs pruned_int8): {json.dumps(paths)}", flush=True)
-    return {"parent": str(model_dir), "variants": rows, "app_paths": paths}
+    if domain in APP_PATHS:
+        paths = APP_PATHS[domain](part, work / "pruned_int8", test, args)
+        print(f"{domain} app paths (parent vs pruned_int8): {json.dumps(paths)}", flush=True)
+    return {"parent": str(part), "variants": rows, "profile_b64": profiles, "app_paths": paths}
+
+
+INT8_OPS = (
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
+    "DynamicQuantizeLinear",
+    "MatMulInteger",
+    "ConvInteger",
+)
+
+
+def int8_share(profile: dict[str, Any]) -> float:
+    """Share of the graph's kernel time in int8 kernels (and the run-time activation quantisation)."""
+    return sum(v["share"] for op, v in profile["ops"].items() if op in INT8_OPS)
+
+
+def remeasure_latency(results: dict[str, Any], meta: dict[str, Any], args: argparse.Namespace) -> None:
+    """Time every artifact of a saved run again against its fp32 parent (`--repeats` interleaved forwards)."""
+    from apps.compress_cli import APP_TASKS, _subsample
+    from core.compress import latency_report
+    from core.train import load_checkpoint
+
+    for domain, result in results.items():
+        part = Path(result["parent"])
+        test = (
+            Path(meta["suite"]).parent
+            / {"finance": "tx_test.csv", "medical": "med_test", "education": "edu_test.csv"}[domain]
+        )
+        examples = _subsample(APP_TASKS[domain].examples(part, str(test)), args.calibration_size)
+        parent, _ = load_checkpoint(part)
+        parent = parent.float().eval()
+        for variant, row in result["variants"].items():
+            artifact, _ = load_checkpoint(args.work / domain / variant)
+            row["latency"] = latency_report(parent, artifact, examples, repeats=args.repeats)
+            row["speedup_b1"] = row["latency"]["batch_1"]["speedup"]
+            row["speedup_b64"] = row["latency"]["batch_64"]["speedup"]
+            print(f"{domain} {variant}: b1 {row['speedup_b1']}x, b64 {row['speedup_b64']}x", flush=True)
+    meta["latency_remeasured"] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "repeats": args.repeats,
+        "load_average": [round(x, 2) for x in __import__("os").getloadavg()],
+    }
+
+
+def _best(row: dict[str, Any], batch: int) -> str:
+    best = row["latency"][f"batch_{batch}"].get("speedup_best")
+    return f" ({best:.2f}x)" if best is not None else ""
+
+
+def _top_ops(profile: dict[str, Any], n: int = 6) -> str:
+    ops = list(profile["ops"].items())[:n]
+    return ", ".join(f"{op} {100 * v['share']:.0f}%" for op, v in ops)
+
+
+def figures(results: dict[str, Any]) -> list[str]:
+    """The issue's targets, met or not, from the rows."""
+    lines = []
+    for domain, result in results.items():
+        rows = result["variants"]
+        size = min(row["size_ratio_vs_suite"] for row in rows.values())
+        ptq = [v for k, v in rows.items() if "qat" not in k]
+        qat = [v for k, v in rows.items() if "qat" in k]
+        worst_ptq = min(row["delta_points"] for row in ptq)
+        worst_qat = min((row["delta_points"] for row in qat), default=float("nan"))
+        b1 = {k: v["speedup_b1"] for k, v in rows.items()}
+        b64 = {k: v["speedup_b64"] for k, v in rows.items()}
+        lines.append(
+            f"- {domain}: smallest artifact {100 * size:.1f}% of the suite ({'met' if size <= 0.18 else 'not met'}); "
+            f"worst PTQ delta {worst_ptq:+.2f} points ({'met' if worst_ptq >= -1 else 'not met'}), QAT "
+            f"{worst_qat:+.2f} ({'met' if worst_qat >= -0.5 else 'not met'}); speed-up b1 "
+            + ", ".join(f"{k} {v:.2f}x" for k, v in b1.items())
+            + f" ({'met' if min(b1['int8'], b1['pruned_int8']) >= 3 else 'not met'}); b64 "
+            + ", ".join(f"{k} {v:.2f}x" for k, v in b64.items())
+            + f" ({'met' if min(b64['int8'], b64['pruned_int8']) >= 3 else 'not met'})"
+            + (
+                "; fastest-run ratios b1 "
+                + ", ".join(f"{k} {v['latency']['batch_1']['speedup_best']:.2f}x" for k, v in rows.items())
+                + ", b64 "
+                + ", ".join(f"{k} {v['latency']['batch_64']['speedup_best']:.2f}x" for k, v in rows.items())
+                if all("speedup_best" in v["latency"]["batch_1"] for v in rows.values())
+                else ""
+            )
+        )
+    return lines
 
 
 def _markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
+    suite_bytes = next(iter(next(iter(results.values()))["variants"].values()))["suite_bytes"]
     lines = [
         "# Compression benchmark",
         "",
         f"Run {meta['date']}; CPU `{meta['cpu']['model']}` (AVX512-VNNI {meta['cpu']['avx512_vnni']}, "
         f"AMX {meta['cpu']['amx_int8']}), onnxruntime {meta['cpu']['onnxruntime']}, torch {meta['cpu']['torch']}, "
-        f"{meta['threads']} thread(s); load average at start {meta['load_average']}. Baseline: fp32 eager parent.",
+        f"{meta['threads']} intra-op thread(s) for torch and ONNX Runtime alike (inter-op 1); load average at "
+        f"start {meta['load_average']}. Baseline: the fp32 eager suite part of each domain."
+        + (
+            f" Latencies re-measured {meta['latency_remeasured']['date']} on the same artifacts, "
+            f"{meta['latency_remeasured']['repeats']} interleaved forwards each (load average "
+            f"{meta['latency_remeasured']['load_average']})."
+            if meta.get("latency_remeasured")
+            else ""
+        ),
         "",
-        "Targets: size <= 18% of the parent's safetensors; latency >= 3x lower at batch 1 and 64; metric drop "
+        f"Suite model: {meta['suite']} ({suite_bytes / 1e6:.2f} MB fp32 safetensors, every part's tensors "
+        "with the shared trunk once). Each domain's part holds the trunk and that app's embedders and heads; "
+        f"`verticals compress --model SUITE --domain D`; pruning: experts with <= {meta['args']['expert_threshold']} "
+        f"of the domain's assignments dropped, {meta['args']['prune_ffn']} of the FFN units removed; QAT "
+        f"{meta['args']['qat_steps']} steps. Metric on each app's held-out test data through its own predictor.",
+        "",
+        "Targets: size <= 18% of the suite's safetensors; latency >= 3x lower at batch 1 and 64; metric drop "
         "<= 1 point (PTQ) / <= 0.5 (QAT).",
         "",
-        "| app | variant | metric | parent | artifact | delta (points) | size % (with explain graph) | speed-up b1 | speed-up b64 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Speed-ups: ratio of the median latencies over interleaved forwards (in brackets: of the fastest "
+        "forwards, the least disturbed by the other processes of a busy machine).",
+        "",
+        "| domain | variant | metric | fp32 part | artifact | delta (points) | size % of suite (part) | "
+        "speed-up b1 | speed-up b64 | b64 ms fp32 / int8 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for app, result in results.items():
+    for domain, result in results.items():
         for variant, row in result["variants"].items():
-            with_explain = row["artifact_bytes_with_explanations"] / row["parent_bytes"]
+            b64 = row["latency"]["batch_64"]
             lines.append(
-                f"| {app} | {variant} | {row['metric']} | {row['parent_metric']:.4f} | {row['artifact_metric']:.4f} | "
-                f"{row['delta_points']:+.2f} | {100 * row['size_ratio']:.1f} ({100 * with_explain:.1f}) | "
-                f"{row['speedup_b1']:.2f}x | {row['speedup_b64']:.2f}x |"
+                f"| {domain} | {variant} | {row['metric']} | {row['parent_metric']:.4f} | "
+                f"{row['artifact_metric']:.4f} | {row['delta_points']:+.2f} | "
+                f"{100 * row['size_ratio_vs_suite']:.1f} ({100 * row['size_ratio_vs_part']:.1f}) | "
+                f"{row['speedup_b1']:.2f}x{_best(row, 1)} | {row['speedup_b64']:.2f}x{_best(row, 64)} | "
+                f"{b64['parent_fp32_ms']:.1f} / {b64['artifact_ms']:.1f} |"
             )
-    for app, result in results.items():
-        paths = result.get("app_paths")
-        if paths:
-            lines += ["", f"{app} app paths, fp32 parent vs pruned_int8: `{json.dumps(paths)}`"]
     lines += [
         "",
-        "Size % counts the inference graph and heads (`model.onnx`, `classifier.onnx` / `next_step.onnx`); the "
-        "explanation graph (`model_explain.onnx`, attention weights for explain/diagnose) is optional "
-        "(`--no-explanations`) and shown in brackets.",
+        "Where the int8 graph spends its kernel time at batch 64 (ONNX Runtime profiler, 1 thread):",
+        "",
+    ]
+    for domain, result in results.items():
+        for variant, profile in result.get("profile_b64", {}).items():
+            lines.append(
+                f"- {domain} {variant}: {profile['total_ms']:.1f} ms; {_top_ops(profile)}; int8 kernels and "
+                f"activation quantisation {100 * int8_share(profile):.0f}%"
+            )
+    lines += [
+        "",
+        f"int8 sensitivity of pruned_int8 (relative RMS change of the graph outputs when only that module group "
+        f"is int8; groups above {meta['args']['keep_sensitive']} are kept fp32):",
+        "",
+    ]
+    for domain, result in results.items():
+        step = next(x for x in result["variants"]["pruned_int8"]["steps"] if x["step"] == "onnx_int8")
+        scan = step.get("sensitivity") or {}
+        top = sorted(((k, v) for k, v in scan.items() if k != "all"), key=lambda kv: -kv[1])[:5]
+        extra = [k for k in step["keep_fp32"] if k in scan and k not in KEEP_FP32_DEFAULT]
+        lines.append(
+            f"- {domain}: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in top)
+            + f" (every group at once {scan.get('all', float('nan')):.3f}); kept fp32 by the scan: "
+            + (", ".join(extra) or "none")
+        )
+    lines += ["", "## Figures", "", *figures(results)]
+    for domain, result in results.items():
+        paths = result.get("app_paths")
+        if paths:
+            lines += ["", f"{domain} app paths, fp32 suite part vs pruned_int8: `{json.dumps(paths)}`"]
+    lines += [
+        "",
+        "Size % counts the inference graph and heads (`model.onnx`, `classifier.onnx` / `next_step.onnx`); "
+        "the explanation graph (`model_explain.onnx`, attention weights for explain/diagnose) is optional "
+        "(`--no-explanations`). MoE routers, domain priors and the CT volume embedder stay fp32 by default "
+        "(`core.onnx_model.KEEP_FP32_DEFAULT`; a few KB); "
+        + (
+            "kept fp32 as well: "
+            + "; ".join(f"{d}: {', '.join(p)}" for d, p in meta["keep_fp32"].items() if p)
+            + "."
+            if any(meta["keep_fp32"].values())
+            else "nothing else is kept fp32."
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -263,59 +394,89 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--apps", nargs="+", default=list(DATA), choices=list(DATA))
+    parser.add_argument("--apps", nargs="+", default=list(APPS), choices=list(APPS))
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "verticals_compress_bench")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--name", default="compress_bench")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=float, default=3.0)
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--finance-accounts", type=int, default=300)
-    parser.add_argument("--education-students", type=int, default=200)
-    parser.add_argument("--medical-cases", type=int, default=60)
-    parser.add_argument("--finance-model", type=Path)
-    parser.add_argument("--education-model", type=Path)
-    parser.add_argument("--medical-model", type=Path)
+    parser.add_argument(
+        "--suite-model", type=Path, help="A suite directory to compress (default: train one)."
+    )
+    # The suite and its data: bench/suite_bench.py's defaults.
+    parser.add_argument("--steps", type=int, default=160, help="suite task steps")
+    parser.add_argument("--pretrain-steps", type=int, default=24, help="suite masked-field steps")
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--accounts", type=int, default=300)
+    parser.add_argument("--cases", type=int, default=60)
+    parser.add_argument("--test-cases", type=int, default=40)
+    parser.add_argument("--ct-shape", default="32x64x64")
+    parser.add_argument("--medical-preset", default="tiny")
+    parser.add_argument("--students", type=int, default=200)
+    parser.add_argument("--answers", type=int, default=60)
+    parser.add_argument("--device", default="cpu", help="Suite training device (ONNX runs on the CPU).")
+    # Compression.
     parser.add_argument("--expert-threshold", type=float, default=0.02)
     parser.add_argument("--prune-ffn", type=float, default=0.25)
     parser.add_argument("--qat-steps", type=int, default=30)
     parser.add_argument("--calibration-size", type=int, default=128)
+    parser.add_argument(
+        "--keep-sensitive",
+        type=float,
+        default=0.05,
+        help="pruned_int8: keep fp32 the module groups whose int8 alone changes the outputs by more than this.",
+    )
+    for app in APPS:
+        parser.add_argument(
+            f"--{app}-keep-fp32",
+            nargs="*",
+            default=[],
+            help=f"Module path patterns of the {app} part kept fp32 by int8 (besides routers).",
+        )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--realtime-transactions", type=int, default=200)
-    parser.add_argument("--paths-only", action="store_true", help="Only re-measure the app paths of a run.")
     parser.add_argument("--medical-latency-cases", type=int, default=5)
-    parser.add_argument("--device", default="cpu", help="Training device of the parents (ONNX runs on CPU).")
+    parser.add_argument(
+        "--render-only", action="store_true", help="Rewrite the .md from the .json of an earlier run."
+    )
+    parser.add_argument(
+        "--remeasure-latency",
+        action="store_true",
+        help="Time the artifacts of an earlier run (same --work) again with --repeats forwards; rewrite both files.",
+    )
     args = parser.parse_args()
+    if args.render_only or args.remeasure_latency:
+        saved = json.loads((args.out / f"{args.name}.json").read_text())
+        if args.remeasure_latency:
+            torch.set_num_threads(args.threads)
+            remeasure_latency(saved["results"], saved["meta"], args)
+            (args.out / f"{args.name}.json").write_text(json.dumps(saved, indent=2))
+        (args.out / f"{args.name}.md").write_text(_markdown(saved["results"], saved["meta"]))
+        return
     torch.set_num_threads(args.threads)
     import os
 
     from core.compress import cpu_flags
 
+    started = time.perf_counter()
+    args.work.mkdir(parents=True, exist_ok=True)
+    data = suite_data(args.work, args)
+    suite = suite_model(args.work, data, args)
+    print(f"suite {suite} ready in {time.perf_counter() - started:.0f}s", flush=True)
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cpu": cpu_flags(),
         "threads": args.threads,
         "load_average": [round(x, 2) for x in os.getloadavg()],
+        "suite": str(suite),
+        "suite_trained_here": args.suite_model is None,
+        "keep_fp32": {app: list(getattr(args, f"{app}_keep_fp32")) for app in args.apps},
         "args": {k: str(v) for k, v in vars(args).items()},
     }
     results = {}
-    if args.paths_only:
-        # Re-measure only the app paths on the artifacts of an earlier run (same --work and --out).
-        saved = json.loads((args.out / f"{args.name}.json").read_text())
-        meta, results = saved["meta"], saved["results"]
-        meta["app_paths_measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        for app in args.apps:
-            if app in APP_PATHS and app in results:
-                work = args.work / app
-                val = work / ("val.parquet" if app == "finance" else "val")
-                results[app]["app_paths"] = APP_PATHS[app](
-                    Path(results[app]["parent"]), work / "pruned_int8", val, args
-                )
-                print(f"{app} app paths: {json.dumps(results[app]['app_paths'])}", flush=True)
-    else:
-        for app in args.apps:
-            results[app] = run_app(app, args.work / app, args)
+    for domain in args.apps:
+        results[domain] = run_domain(domain, suite, data, args.work / domain, args)
+    meta["seconds"] = round(time.perf_counter() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     (args.out / f"{args.name}.md").write_text(_markdown(results, meta))

@@ -1,8 +1,13 @@
 """The ONNX form of `CoreModel`: dynamo export, ONNX Runtime int8 quantisation, and `OnnxCoreModel`.
 
 `export_onnx` exports the inference forward (the MoE runs its export dispatch, `DomainMoE._dispatch_export`)
-and the heads; `quantize_int8` applies ONNX Runtime dynamic int8 (MatMul, Gemm and Gather, i.e. embeddings
-included). `OnnxCoreModel` runs such a directory behind the `CoreModel` call signature.
+and the heads, rewrites per-field Einsums as batched MatMuls (ONNX Runtime's CPU Einsum is slow) and records
+each weight node's torch module path in `onnx.json`; `quantize_int8` applies ONNX Runtime dynamic int8
+(MatMul, Gemm, Conv and Gather, i.e. embeddings included), keeping chosen modules fp32 by path
+(`KEEP_FP32_DEFAULT`: MoE routers, domain priors, the CT volume embedder). `int8_sensitivity` measures how
+much quantising each module group alone changes the outputs; `profile_ops` reports ONNX Runtime kernel time
+per op type. `OnnxCoreModel` runs such a directory behind the `CoreModel` call signature (sessions: one
+intra-op thread pool, inter-op 1, sequential, ORT_ENABLE_ALL).
 
 `core.train.load_checkpoint` returns it for a directory holding `model.onnx`, so the app predictors run
 compressed models unchanged: calling it with a batch's keyword arguments returns a `CoreOutput` with
@@ -15,6 +20,7 @@ compressed models unchanged: calling it with a batch's keyword arguments returns
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import warnings
@@ -32,7 +38,17 @@ from core.data import Batch, collate
 from core.errors import ConfigError, InputValidationError
 from core.model import CoreModel, CoreOutput
 
-__all__ = ["OnnxCoreModel", "OnnxSequenceWarning", "export_onnx", "flat_inputs", "quantize_int8"]
+__all__ = [
+    "KEEP_FP32_DEFAULT",
+    "OnnxCoreModel",
+    "OnnxSequenceWarning",
+    "export_onnx",
+    "flat_inputs",
+    "int8_sensitivity",
+    "module_groups",
+    "profile_ops",
+    "quantize_int8",
+]
 
 ONNX_FILE = "model.onnx"
 EXPLAIN_ONNX_FILE = "model_explain.onnx"
@@ -43,6 +59,13 @@ TARGET_KEYS = ("labels", "token_labels", "next_labels", "mfm_mask")
 # Inputs the ONNX model can fill in when a batch leaves them out (the defaults `CoreModel` uses).
 DEFAULTABLE_INPUTS = ("attention_mask", "numeric_mask", "modality_ids", "domain_ids", "volume_present")
 MAX_DYNAMIC_BATCH = 65536
+QUANTIZED_OP_TYPES = ("MatMul", "Gemm", "Gather", "Conv")
+KEEP_FP32_DEFAULT = ("*.router", "*.domain_prior", "volume_embedder")
+"""Modules `quantize_int8` keeps in fp32 by default. The MoE routers and domain priors pick the experts by a
+top-k over their logits, where int8 rounding flips choices between near-tied experts (a few KB of weights).
+The CT volume embedder's convolutions run as ONNX Runtime `ConvInteger`, slower than its fp32 `Conv` on the
+CPU (a medical suite part at batch 64: 0.62x of fp32 eager with the stem in int8, 1.42x with it in fp32, for
+0.4% more size), so it stays fp32 too."""
 ONNX_OPSET = 23
 
 
@@ -123,15 +146,43 @@ def _sequence_limit(model: CoreModel, n_volume: int) -> int | None:
     return config.dense_below - 1 - n_volume
 
 
-def _strip_metadata(path: Path) -> None:
-    """Drop the exporter's per-node stack traces and doc strings (often larger than a small model's weights)."""
+def _module_of(node: Any) -> str | None:
+    """The torch module path a node was exported from (`layers.0.ffn.router`), from the exporter's metadata."""
+    import ast
+
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return None
+            # ['', 'model', 'model.layers.0', ..., 'model.layers.0.ffn.router', 'linear_5']: the deepest module
+            # before the fx node name, without the export wrapper's attribute (`model.`).
+            if len(scopes) < 2 or not scopes[-2]:
+                return None
+            return scopes[-2].removeprefix("model.")
+    return None
+
+
+def _strip_metadata(path: Path) -> dict[str, str]:
+    """Drop the exporter's per-node stack traces and doc strings (often larger than a small model's weights).
+
+    Returns:
+        For every node int8 quantisation may touch (`QUANTIZED_OP_TYPES`), its torch module path, so that
+        `quantize_int8` can keep chosen modules in fp32 by name.
+    """
     import onnx
 
     proto = onnx.load(str(path))
+    modules: dict[str, str] = {}
     graphs = [proto.graph]
     while graphs:
         graph = graphs.pop()
         for node in graph.node:
+            if node.op_type in QUANTIZED_OP_TYPES and node.name:
+                module = _module_of(node)
+                if module is not None:
+                    modules[node.name] = module
             del node.metadata_props[:]
             node.doc_string = ""
             graphs.extend(attr.g for attr in node.attribute if attr.HasField("g"))
@@ -139,10 +190,90 @@ def _strip_metadata(path: Path) -> None:
         for value in (*graph.input, *graph.output, *graph.value_info):
             del value.metadata_props[:]
     proto.doc_string = ""
+    _einsum_as_matmul(proto.graph)
     onnx.save(proto, str(path))
+    return modules
 
 
-def _export(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_shapes) -> None:
+_PER_FIELD_EINSUM = re.compile(r"^([a-z]*)([a-z])([a-z]),\2\3([a-z])->\1\2\4$")
+
+
+def _einsum_as_matmul(graph: Any) -> int:
+    """Rewrite per-field linear maps `...fi,fio->...fo` (weights an initializer) as Transpose/MatMul/Transpose.
+
+    ONNX Runtime's CPU Einsum runs this contraction (the numeric and time-delta embedders: one small matrix
+    per field) several times slower than one batched MatMul over the fields; the result is the same. Returns
+    the number of rewritten nodes.
+    """
+    from onnx import helper, numpy_helper
+
+    initializers = {init.name: init for init in graph.initializer}
+    nodes, rewritten = [], 0
+    for node in graph.node:
+        equation = next((a.s.decode() for a in node.attribute if a.name == "equation"), "")
+        match = _PER_FIELD_EINSUM.match(equation.replace(" ", "")) if node.op_type == "Einsum" else None
+        weight = initializers.get(node.input[1]) if match and len(node.input) == 2 else None
+        if weight is None or len(weight.dims) != 3:
+            nodes.append(node)
+            continue
+        lead = len(match.group(1))  # the batch-like leading axes of x: (*lead, F, I)
+        fields, width_in, width_out = (int(d) for d in weight.dims)
+        name, x, out = node.name or f"einsum_{rewritten}", node.input[0], node.output[0]
+        constants = {
+            f"{name}_shape_in": np.array([fields, -1, width_in], dtype=np.int64),
+            f"{name}_fo": np.array([fields, width_out], dtype=np.int64),
+        }
+        for key, value in constants.items():
+            graph.initializer.append(numpy_helper.from_array(value, key))
+        nodes += [
+            helper.make_node(
+                "Transpose", [x], [f"{name}_fx"], perm=[lead, *range(lead), lead + 1], name=f"{name}_t_in"
+            ),  # (F, *lead, I)
+            helper.make_node(
+                "Reshape", [f"{name}_fx", f"{name}_shape_in"], [f"{name}_rows"], name=f"{name}_r_in"
+            ),
+            helper.make_node(
+                "MatMul", [f"{name}_rows", node.input[1]], [f"{name}_mm"], name=f"{name}_matmul"
+            ),
+            helper.make_node("Shape", [x], [f"{name}_lead"], start=0, end=lead, name=f"{name}_shape"),
+            helper.make_node(
+                "Concat",
+                [f"{name}_fo", f"{name}_lead"],
+                [f"{name}_shape_out_raw"],
+                axis=0,
+                name=f"{name}_concat",
+            ),  # (F, O, *lead): reordered below
+            helper.make_node(
+                "Gather",
+                [f"{name}_shape_out_raw", f"{name}_order"],
+                [f"{name}_shape_out"],
+                axis=0,
+                name=f"{name}_order_shape",
+            ),
+            helper.make_node(
+                "Reshape", [f"{name}_mm", f"{name}_shape_out"], [f"{name}_fy"], name=f"{name}_r_out"
+            ),
+            helper.make_node(
+                "Transpose",
+                [f"{name}_fy"],
+                [out],
+                perm=[*range(1, lead + 1), 0, lead + 1],
+                name=f"{name}_t_out",
+            ),  # (*lead, F, O)
+        ]
+        # (F, O, *lead) -> (F, *lead, O)
+        order = np.array([0, *range(2, lead + 2), 1], dtype=np.int64)
+        graph.initializer.append(numpy_helper.from_array(order, f"{name}_order"))
+        rewritten += 1
+    if rewritten:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return rewritten
+
+
+def _export(
+    module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_shapes
+) -> dict[str, str]:
     try:
         # A dict argument goes in `kwargs`: as the last positional argument torch.onnx.export would
         # take it for keyword arguments.
@@ -165,7 +296,7 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names, output_name
         )
     except Exception as e:  # torch.export / onnxscript raise many types; wrap once at this boundary
         raise ConfigError(f"ONNX export of {path.name} failed: {type(e).__name__}: {e}") from e
-    _strip_metadata(path)
+    return _strip_metadata(path)
 
 
 def _extract(source: Path, target: Path, inputs: Sequence[str], outputs: Sequence[str]) -> None:
@@ -227,6 +358,7 @@ def export_onnx(
     if model.prototype is not None:
         outputs.append("embeddings")
     model.config.save_pretrained(out_dir)
+    node_modules: dict[str, dict[str, str]] = {}
     with torch.no_grad():
         explain_outputs = []
         if with_explain:
@@ -234,7 +366,7 @@ def export_onnx(
             # (the nodes only they need are dropped), which halves the export time.
             explain_outputs = [*outputs, *(f"attentions.{i}" for i in range(len(model.layers)))]
             explain_path = out_dir / EXPLAIN_ONNX_FILE
-            _export(
+            node_modules[EXPLAIN_ONNX_FILE] = _export(
                 _ExportForward(model, names, True).eval(),
                 (inputs,),
                 explain_path,
@@ -243,8 +375,9 @@ def export_onnx(
                 (shapes,),
             )
             _extract(explain_path, out_dir / ONNX_FILE, names, outputs)
+            node_modules[ONNX_FILE] = node_modules[EXPLAIN_ONNX_FILE]  # the extraction keeps node names
         else:
-            _export(
+            node_modules[ONNX_FILE] = _export(
                 _ExportForward(model, names, False).eval(),
                 (inputs,),
                 out_dir / ONNX_FILE,
@@ -256,7 +389,7 @@ def export_onnx(
         rows = torch.export.Dim("rows", min=1, max=1 << 24)
         hidden = torch.randn(3, model.config.hidden_size)
         if model.classifier is not None:
-            _export(
+            node_modules[HEAD_FILES["classifier"]] = _export(
                 _ClassifierHead(model).eval(),
                 (hidden,),
                 out_dir / HEAD_FILES["classifier"],
@@ -267,7 +400,7 @@ def export_onnx(
             heads["classifier"] = HEAD_FILES["classifier"]
         if model.next_step is not None:
             ids = torch.tensor([1, 2, 1])
-            _export(
+            node_modules[HEAD_FILES["next_step"]] = _export(
                 _NextStepHead(model).eval(),
                 (hidden, ids),
                 out_dir / HEAD_FILES["next_step"],
@@ -295,16 +428,54 @@ def export_onnx(
         "categorical_sizes": {k: int(v) for k, v in model.config.categorical_fields.items()},
         "attention": "dense" if dynamic_seq else "as trained (block-sparse where the model uses it)",
         "int8": False,
+        "node_modules": node_modules,
     }
     (out_dir / ONNX_META_FILE).write_text(json.dumps(meta, indent=2))
     return meta
 
 
-def quantize_int8(model_dir: str | Path) -> None:
+def _excluded_nodes(meta: Mapping[str, Any], name: str, keep_fp32: Sequence[str]) -> list[str]:
+    """Nodes of one exported file whose torch module path matches a `keep_fp32` pattern (fnmatch), or lies
+    inside a module that does (`volume_embedder` keeps `volume_embedder.stem.0` too)."""
+    from fnmatch import fnmatchcase
+
+    modules = meta.get("node_modules", {}).get(name, {})
+    return sorted(
+        node
+        for node, module in modules.items()
+        if any(fnmatchcase(module, p) or fnmatchcase(module, f"{p}.*") for p in keep_fp32)
+    )
+
+
+def _batched_weight_matmuls(path: Path) -> list[str]:
+    """MatMul nodes with a weight initializer of rank > 2 (`_einsum_as_matmul`'s per-field maps), which ONNX
+    Runtime's dynamic quantiser does not handle: they stay fp32."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    ranks = {init.name: len(init.dims) for init in graph.initializer}
+    return [
+        node.name
+        for node in graph.node
+        if node.op_type == "MatMul" and any(ranks.get(x, 0) > 2 for x in node.input)
+    ]
+
+
+def quantize_int8(
+    model_dir: str | Path, keep_fp32: Sequence[str] = KEEP_FP32_DEFAULT
+) -> dict[str, list[str]]:
     """Quantise every ONNX file of an exported directory in place with ONNX Runtime dynamic int8.
 
     Weights of MatMul/Gemm/Conv (per output channel) and embedding tables (Gather) become int8; activations
     are quantised per batch at run time (uint8), which uses VNNI/AMX integer kernels where the CPU has them.
+
+    Args:
+        model_dir: a directory written by `export_onnx`.
+        keep_fp32: fnmatch patterns of torch module paths (`"volume_embedder.*"`, `"classifier"`,
+            `"layers.0.*"`) whose nodes stay fp32; default `KEEP_FP32_DEFAULT`.
+
+    Returns:
+        Per file, the node names kept in fp32 (also written to `onnx.json` as `int8_kept_fp32`).
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -312,8 +483,12 @@ def quantize_int8(model_dir: str | Path) -> None:
     meta_path = model_dir / ONNX_META_FILE
     meta = json.loads(meta_path.read_text())
     files = [ONNX_FILE, *meta["heads"].values()] + ([meta["explain_file"]] if meta["explain_file"] else [])
+    kept: dict[str, list[str]] = {}
     for name in files:
         path = model_dir / name
+        kept[name] = sorted({*_excluded_nodes(meta, name, keep_fp32), *_batched_weight_matmuls(path)})
+        # The quantiser first rewrites Gemm as MatMul + Add, naming the MatMul `<name>_MatMul`.
+        excluded = [*kept[name], *(f"{node}_MatMul" for node in kept[name])]
         with tempfile.TemporaryDirectory(prefix="verticals-int8-") as work:
             target = Path(work) / name
             try:
@@ -322,26 +497,158 @@ def quantize_int8(model_dir: str | Path) -> None:
                     str(target),
                     weight_type=QuantType.QInt8,
                     per_channel=True,
-                    op_types_to_quantize=["MatMul", "Gemm", "Gather", "Conv"],
+                    op_types_to_quantize=list(QUANTIZED_OP_TYPES),
+                    nodes_to_exclude=excluded,
                 )
             except Exception as e:  # onnxruntime raises plain exceptions; wrap once here
                 raise ConfigError(f"int8 quantisation of {path} failed: {type(e).__name__}: {e}") from e
             shutil.move(str(target), path)
     meta["int8"] = True
+    meta["int8_keep_fp32_patterns"] = list(keep_fp32)
+    meta["int8_kept_fp32"] = kept
     meta_path.write_text(json.dumps(meta, indent=2))
+    return kept
+
+
+def module_groups(model_dir: str | Path) -> dict[str, list[str]]:
+    """The quantisable nodes of `model.onnx` grouped by module: each embedder, each layer's attention and
+    feed-forward block, each head (`{"volume_embedder": [...], "layers.0.ffn": [...], "classifier": [...]}`)."""
+    meta = json.loads((Path(model_dir) / ONNX_META_FILE).read_text())
+    groups: dict[str, list[str]] = {}
+    for node, module in meta.get("node_modules", {}).get(ONNX_FILE, {}).items():
+        parts = module.split(".")
+        key = ".".join(parts[:3]) if parts[0] == "layers" else parts[0]
+        groups.setdefault(key, []).append(node)
+    return {k: sorted(v) for k, v in sorted(groups.items())}
+
+
+def _relative_error(reference: Mapping[str, np.ndarray], values: Mapping[str, np.ndarray]) -> float:
+    """The largest relative RMS error over the graph outputs (||y_q - y|| / ||y||)."""
+    errors = []
+    for name, ref in reference.items():
+        scale = float(np.sqrt(np.mean(ref.astype(np.float64) ** 2))) or 1.0
+        errors.append(float(np.sqrt(np.mean((values[name] - ref).astype(np.float64) ** 2))) / scale)
+    return max(errors)
+
+
+def int8_sensitivity(
+    model_dir: str | Path,
+    feed: Mapping[str, np.ndarray],
+    groups: Mapping[str, Sequence[str]] | None = None,
+    keep_fp32: Sequence[str] = KEEP_FP32_DEFAULT,
+) -> dict[str, float]:
+    """Output error of the fp32 graph `model_dir/model.onnx` when only one module group is quantised to int8.
+
+    Each group (default `module_groups`) is quantised alone (ONNX Runtime dynamic int8, as `quantize_int8`),
+    run on `feed`, and compared with the fp32 outputs; `"all"` quantises every group. Nodes of `keep_fp32`
+    modules (default: routers and domain priors) stay fp32 throughout, as in `quantize_int8`. The groups with the
+    largest error are the ones to keep in fp32 (`quantize_int8(keep_fp32=...)`).
+
+    Returns:
+        {group: largest relative RMS error over the outputs}, `"all"` included.
+    """
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model_dir = Path(model_dir)
+    source = model_dir / ONNX_FILE
+    groups = dict(groups or module_groups(model_dir))
+    groups["all"] = sorted({node for nodes in groups.values() for node in nodes})
+    options = _session_options(1)
+    meta = json.loads((model_dir / ONNX_META_FILE).read_text())
+    kept = _excluded_nodes(meta, ONNX_FILE, keep_fp32)
+    excluded = [*kept, *(f"{n}_MatMul" for n in kept), *_batched_weight_matmuls(source)]
+
+    def run(path: Path) -> dict[str, np.ndarray]:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, dict(feed)), strict=True))
+
+    reference = run(source)
+    errors: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="verticals-int8-scan-") as work:
+        for group, nodes in groups.items():
+            if not nodes:  # (ONNX Runtime reads an empty node list as "every node")
+                errors[group] = 0.0
+                continue
+            target = Path(work) / f"{len(errors)}.onnx"
+            quantize_dynamic(
+                str(source),
+                str(target),
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                op_types_to_quantize=list(QUANTIZED_OP_TYPES),
+                nodes_to_quantize=[*nodes, *(f"{n}_MatMul" for n in nodes)],
+                nodes_to_exclude=excluded,
+            )
+            errors[group] = round(_relative_error(reference, run(target)), 6)
+    return errors
+
+
+def profile_ops(model_dir: str | Path, feed: Mapping[str, np.ndarray], runs: int = 5) -> dict[str, Any]:
+    """Where the inference graph spends its time: ONNX Runtime's profiler, kernel time per op type.
+
+    Args:
+        model_dir: an exported (or int8) directory.
+        feed: graph inputs (`OnnxCoreModel._feed` builds them from a batch).
+        runs: profiled runs after one warm-up (times are per run).
+
+    Returns:
+        `{"total_ms": ..., "ops": {op_type: {"ms": ..., "share": ..., "nodes": ...}}}`, op types by time.
+    """
+    import onnxruntime as ort
+
+    model_dir = Path(model_dir)
+    with tempfile.TemporaryDirectory(prefix="verticals-ortprof-") as work:
+        options = _session_options(1)
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(work) / "profile")
+        session = ort.InferenceSession(
+            str(model_dir / ONNX_FILE), options, providers=["CPUExecutionProvider"]
+        )
+        session.run(None, dict(feed))
+        for _ in range(runs):
+            session.run(None, dict(feed))
+        events = json.loads(Path(session.end_profiling()).read_text())
+    per_op: dict[str, float] = {}
+    nodes: dict[str, set[str]] = {}
+    for event in events:
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+            continue
+        op = event["args"]["op_name"]
+        per_op[op] = per_op.get(op, 0.0) + event["dur"]
+        nodes.setdefault(op, set()).add(event["name"])
+    total = sum(per_op.values()) or 1.0
+    # The warm-up run is profiled too: divide by every run.
+    ops = {
+        op: {"ms": round(us / (runs + 1) / 1000, 3), "share": round(us / total, 4), "nodes": len(nodes[op])}
+        for op, us in sorted(per_op.items(), key=lambda kv: -kv[1])
+    }
+    return {"total_ms": round(total / (runs + 1) / 1000, 3), "ops": ops}
 
 
 class OnnxSequenceWarning(UserWarning):
     """A sequence longer than the dense range the ONNX graph was exported for (it still runs, densely)."""
 
 
-def _session(path: Path, threads: int | None):
+def _session_options(threads: int | None):
+    """One intra-op thread pool of `threads` (default: torch's count), no inter-op parallelism, all graph
+    optimisations (constant folding, node fusions, layout transforms)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    return options
+
+
+def _session(path: Path, threads: int | None):
+    import onnxruntime as ort
+
+    options = _session_options(threads)
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types; wrap once at the boundary

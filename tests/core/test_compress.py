@@ -295,3 +295,62 @@ def test_compress_writes_a_consistent_report_and_a_loadable_artifact(tmp_path, r
         loaded(**collate(examples[:2]).to_dict(), output_attentions=True)
     with pytest.raises(ConfigError, match="nothing to do"):
         compress(parent, tmp_path / "again", CompressionOptions(), examples)
+
+
+@pytest.mark.slow  # ONNX export (shared fixture)
+def test_int8_keeps_routers_fp32_and_einsum_runs_as_matmul(exported):
+    import onnx
+
+    _, fp32_dir, int8_dir, _ = exported
+    fp32_graph = onnx.load(str(fp32_dir / "model.onnx")).graph
+    assert "Einsum" not in {node.op_type for node in fp32_graph.node}  # per-field maps as batched MatMul
+    meta = json.loads((int8_dir / "onnx.json").read_text())
+    modules = meta["node_modules"]["model.onnx"]
+    routers = sorted(n for n, m in modules.items() if m.endswith(".router") or m.endswith(".domain_prior"))
+    assert routers and set(routers) <= set(meta["int8_kept_fp32"]["model.onnx"])
+    int8_nodes = {node.name: node for node in onnx.load(str(int8_dir / "model.onnx")).graph.node}
+    for name in routers:  # left unquantised (a Gemm is rewritten as `<name>_MatMul` + Add by the quantiser)
+        node = int8_nodes.get(name) or int8_nodes[f"{name}_MatMul"]
+        assert node.op_type in ("Gemm", "MatMul", "Gather")
+    quantised = [n for n in int8_nodes.values() if n.op_type in ("DynamicQuantizeMatMul", "MatMulInteger")]
+    assert quantised
+
+
+def test_keep_fp32_patterns_select_nodes_by_module_path():
+    from core.onnx_model import _excluded_nodes
+
+    meta = {
+        "node_modules": {
+            "model.onnx": {
+                "n1": "layers.0.ffn.router",
+                "n2": "layers.0.ffn.experts.0.w1",
+                "n3": "volume_embedder.proj",
+                "n4": "volume_embedder.stem.0",
+                "n5": "classifier",
+            }
+        }
+    }
+    assert _excluded_nodes(meta, "model.onnx", ("*.router",)) == ["n1"]
+    assert _excluded_nodes(meta, "model.onnx", ("volume_embedder.*", "classifier")) == ["n3", "n4", "n5"]
+    assert _excluded_nodes(meta, "model.onnx", ("volume_embedder",)) == ["n3", "n4"]  # and its sub-modules
+    assert _excluded_nodes(meta, "model.onnx", ("layers.1.*",)) == []
+    assert _excluded_nodes(meta, "other.onnx", ("*",)) == []
+
+
+@pytest.mark.slow  # ONNX export (shared fixture) and one quantisation per module group
+def test_int8_sensitivity_scans_every_module_group(exported, rng):
+    from core.onnx_model import int8_sensitivity, module_groups
+
+    _, fp32_dir, _, _ = exported
+    groups = module_groups(fp32_dir)
+    assert {"field_embedder", "layers.0.attention", "layers.0.ffn", "classifier"} <= set(groups)
+    inputs = collate(make_examples(rng, 8)).to_dict()
+    feed = OnnxCoreModel(fp32_dir)._feed({k: v for k, v in inputs.items() if k != "token_labels"})
+    errors = int8_sensitivity(fp32_dir, feed)
+    assert set(errors) == {*groups, "all"}
+    assert all(np.isfinite(e) and e >= 0 for e in errors.values())
+    assert errors["all"] > 0 and max(errors.values()) < 0.5  # int8 noise, not a broken graph
+    assert int8_sensitivity(fp32_dir, feed, groups={"none": []})["none"] == 0.0
+    # One group alone: the same error as in the full scan (deterministic), and a part of "all"'s.
+    alone = int8_sensitivity(fp32_dir, feed, groups={"classifier": groups["classifier"]})
+    assert alone["classifier"] == errors["classifier"] and alone["all"] == errors["classifier"]
