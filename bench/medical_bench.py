@@ -49,6 +49,16 @@ RARE = RARE_LABELS[0]
 BASE = tuple(label for label in LABEL_WEIGHTS if label not in RARE_LABELS)
 
 
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    """CoreConfig fields the run sets instead of the preset's (`--stem-channels`, `--pooling`)."""
+    overrides: dict[str, object] = {}
+    if args.stem_channels is not None:
+        overrides["volume_stem_channels"] = args.stem_channels
+    if args.pooling is not None:
+        overrides["classifier_pooling"] = args.pooling
+    return overrides
+
+
 def _labels(n: int, seed: int) -> list[str]:
     rng = np.random.default_rng(seed)
     weights = np.array([LABEL_WEIGHTS[label] for label in BASE])
@@ -95,6 +105,7 @@ def phase_accuracy(args, work: Path, results: dict) -> dict:
         seed=args.seed,
         device=args.device,
         show_progress=False,
+        config_overrides=_overrides(args),
     )
     variants = {"fusion": (lambda c: c), "image_only": _image_only, "record_only": _record_only}
     table, models = {}, {}
@@ -425,6 +436,14 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=float, default=2.0)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--stem-channels",
+        type=int,
+        help="accuracy: CT stem channels instead of the preset's (0: linear patch embedding)",
+    )
+    parser.add_argument(
+        "--pooling", choices=("mean", "max"), help="accuracy: classifier pooling instead of the preset's"
+    )
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--design-cases", type=int, default=3000, help="design: drawn training cases")
     parser.add_argument("--repeats", type=int, default=20)

@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -65,6 +66,8 @@ def make_data(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     finance_test = write_transactions(transactions[transactions["timestamp"] >= cut], work / "tx_test.csv")
 
     shape = tuple(int(v) for v in args.ct_shape.split("x"))
+    for folder in ("med_train", "med_test"):  # an earlier run's cases: regenerated for this run's settings
+        shutil.rmtree(work / folder, ignore_errors=True)
     write_cases(work / "med_train", args.cases, args.seed, shape=shape)
     write_cases(work / "med_test", args.test_cases, args.seed + 1, shape=shape)
 

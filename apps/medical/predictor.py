@@ -120,6 +120,7 @@ class Diagnoser:
         seed: seeds training.
         device: torch device of training and inference.
         show_progress: show the Trainer's progress bars.
+        config_overrides: `CoreConfig` fields replacing the preset's (e.g. ``{"volume_stem_channels": 16}``).
     """
 
     def __init__(
@@ -134,8 +135,10 @@ class Diagnoser:
         seed: int = 0,
         device: str = "cpu",
         show_progress: bool = True,
+        config_overrides: Mapping[str, Any] | None = None,
     ) -> None:
         self.preset = preset
+        self.config_overrides = dict(config_overrides or {})
         self.labels = labels
         self.epochs = epochs
         self.pretrain_epochs = pretrain_epochs
@@ -159,7 +162,7 @@ class Diagnoser:
             InputValidationError: no cases, a case without label, a label outside `labels`, or fewer
                 than two classes.
         """
-        plan = self.prepare_fit(cases)
+        plan = self.prepare_fit(cases, self.config_overrides)
         torch.manual_seed(self.seed)
         model = CoreModel(plan.config)
         common = dict(

@@ -106,3 +106,21 @@ def test_metrics_leave_out_classes_without_positives():
     )
     assert metrics["accuracy"] == 1.0 and metrics["auroc_a"] == 1.0 and "auroc_c" not in metrics
     assert 0.0 <= metrics["ece"] <= 1.0 and metrics["brier"] > 0
+
+
+def test_config_overrides_reach_the_model_and_survive_save_load(trained, tmp_path):
+    diagnoser = Diagnoser(
+        "tiny",
+        epochs=1,
+        pretrain_epochs=0,
+        batch_size=8,
+        show_progress=False,
+        config_overrides={"volume_stem_channels": 2, "classifier_pooling": "max"},
+    ).fit(trained.train[:16])
+    assert diagnoser.model_.volume_embedder.stem is not None
+    loaded = Diagnoser.load(diagnoser.save(tmp_path / "model"))
+    assert loaded.model_.config.volume_stem_channels == 2
+    assert loaded.model_.config.classifier_pooling == "max"
+    np.testing.assert_allclose(
+        loaded.predict_proba(trained.test[:4]), diagnoser.predict_proba(trained.test[:4]), atol=1e-5
+    )
