@@ -404,16 +404,9 @@ def main() -> None:
         "--suite-model", type=Path, help="A suite directory to compress (default: train one)."
     )
     # The suite and its data: bench/suite_bench.py's defaults.
-    parser.add_argument("--steps", type=int, default=160, help="suite task steps")
-    parser.add_argument("--pretrain-steps", type=int, default=24, help="suite masked-field steps")
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--accounts", type=int, default=300)
-    parser.add_argument("--cases", type=int, default=60)
-    parser.add_argument("--test-cases", type=int, default=40)
-    parser.add_argument("--ct-shape", default="32x64x64")
-    parser.add_argument("--medical-preset", default="tiny")
-    parser.add_argument("--students", type=int, default=200)
-    parser.add_argument("--answers", type=int, default=60)
+    from suite_bench import add_suite_arguments
+
+    add_suite_arguments(parser)
     parser.add_argument("--device", default="cpu", help="Suite training device (ONNX runs on the CPU).")
     # Compression.
     parser.add_argument("--expert-threshold", type=float, default=0.02)
