@@ -64,8 +64,8 @@ KEEP_FP32_DEFAULT = ("*.router", "*.domain_prior", "volume_embedder")
 """Modules `quantize_int8` keeps in fp32 by default. The MoE routers and domain priors pick the experts by a
 top-k over their logits, where int8 rounding flips choices between near-tied experts (a few KB of weights).
 The CT volume embedder's convolutions run as ONNX Runtime `ConvInteger`, slower than its fp32 `Conv` on the
-CPU (a medical suite part at batch 64: 0.62x of fp32 eager with the stem in int8, 1.42x with it in fp32, for
-0.4% more size), so it stays fp32 too."""
+CPU (a medical suite part with the convolutional CT stem, `volume_stem_channels=4`, at batch 64: 0.62x of
+fp32 eager with the stem in int8, 1.42x with it in fp32, for 0.4% more size), so it stays fp32 too."""
 ONNX_OPSET = 23
 
 
