@@ -16,7 +16,7 @@ model's. With `--seeds N` every seed runs on its own generated data and the pari
 paired delta over seeds with a 95% t-interval (one seed's delta moves by several points with the seed).
 
 Usage:
-    .venv/bin/python bench/suite_bench.py --seeds 3 --jobs 2 --test-cases 150   # the reported run
+    .venv/bin/python bench/suite_bench.py --seeds 5 --jobs 2 --test-cases 150 --accounts 600  # reported run
     .venv/bin/python bench/suite_bench.py                  # CPU, 1 thread (a few minutes)
     .venv/bin/python bench/suite_bench.py --device cuda --threads 8
     .venv/bin/python bench/suite_bench.py --quick          # smoke test
