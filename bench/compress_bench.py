@@ -63,23 +63,15 @@ def suite_data(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def suite_model(work: Path, data: dict[str, Any], args: argparse.Namespace) -> Path:
     """The suite model to compress: `--suite-model`, or one trained here with the suite benchmark's settings."""
-    from apps.suite.train import SuiteSettings, train_suite
+    from suite_bench import suite_settings
+
+    from apps.suite.train import train_suite
 
     if args.suite_model:
         return args.suite_model
-    settings = SuiteSettings(
-        epochs=1000.0,  # the step caps set the length
-        pretrain_epochs=1000.0 if args.pretrain_steps > 0 else 0.0,
-        learning_rate=args.learning_rate,
-        seed=args.seed,
-        max_steps=args.steps,
-        pretrain_max_steps=args.pretrain_steps,
-        medical_preset=args.medical_preset,
-        device=args.device,
-    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        train_suite(data["train"], work / "suite", settings)
+        train_suite(data["train"], work / "suite", suite_settings(args))
     return work / "suite"
 
 

@@ -136,14 +136,9 @@ TEST_METRICS = {"finance": "average_precision", "medical": "auroc_macro", "educa
 
 
 # ------------------------------------------------------------------------------------------ main
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    torch.set_num_threads(args.threads)
-    work_root = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="suite-bench-"))
-    work_root.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    data = make_data(work_root, args)
-    data_seconds = time.perf_counter() - started
-    settings = SuiteSettings(
+def suite_settings(args: argparse.Namespace) -> SuiteSettings:
+    """The training settings of every run (shared with bench/compress_bench.py)."""
+    return SuiteSettings(
         epochs=1000.0,  # the length is set by the step caps, identical for every run
         pretrain_epochs=1000.0 if args.pretrain_steps > 0 else 0.0,
         learning_rate=args.learning_rate,
@@ -153,6 +148,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         medical_preset=args.medical_preset,
         device=args.device,
     )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    work_root = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="suite-bench-"))
+    work_root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    data = make_data(work_root, args)
+    data_seconds = time.perf_counter() - started
+    settings = suite_settings(args)
     runs: dict[str, Any] = {}
     with warnings.catch_warnings():
         # Small validation sets: the finance threshold may fall back to best-F1; not what is measured here.
