@@ -162,7 +162,7 @@ class Diagnoser:
             InputValidationError: no cases, a case without label, a label outside `labels`, or fewer
                 than two classes.
         """
-        plan = self.prepare_fit(cases, self.config_overrides)
+        plan = self.prepare_fit(cases)
         torch.manual_seed(self.seed)
         model = CoreModel(plan.config)
         common = dict(
@@ -200,7 +200,8 @@ class Diagnoser:
 
         Args:
             cases: as in `fit`.
-            config_overrides: CoreConfig fields replacing the preset's (e.g. a suite's shared trunk).
+            config_overrides: CoreConfig fields replacing the preset's (e.g. a suite's shared trunk), on
+                top of `self.config_overrides`.
 
         Returns:
             The `TrainingPlan` (pretraining examples are the task examples without labels).
@@ -229,8 +230,8 @@ class Diagnoser:
             categorical_fields=CATEGORICAL_VOCAB,
             numeric_fields=NUMERIC_FEATURES,
         )
-        if config_overrides:
-            overrides = dict(config_overrides)
+        overrides = {**self.config_overrides, **(config_overrides or {})}
+        if overrides:
             if "hidden_size" in overrides:
                 # The few-shot embedding is the pooled hidden state (see `finish_fit`).
                 overrides.setdefault("prototype_dim", overrides["hidden_size"])
