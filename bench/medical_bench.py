@@ -90,7 +90,7 @@ def phase_accuracy(args, work: Path, results: dict) -> dict:
     }
     for name, (count, seed, labels) in subsets.items():
         if not (work / name / "cases.csv").is_file():  # reuse a data set written by an earlier run
-            generate(work / name, count, seed, shape=shape, labels=labels)
+            generate(work / name, count, seed, shape=shape, labels=labels, jobs=args.jobs)
     train, test = read_cases(work / "train"), read_cases(work / "test")
     print(
         f"generated {len(train)} train / {len(test)} test / {args.rare_cases} rare cases in "
@@ -108,6 +108,7 @@ def phase_accuracy(args, work: Path, results: dict) -> dict:
         config_overrides=_overrides(args),
     )
     variants = {"fusion": (lambda c: c), "image_only": _image_only, "record_only": _record_only}
+    variants = {name: variants[name] for name in args.variants.split(",")}
     table, models = {}, {}
     for name, view in variants.items():
         t0 = time.perf_counter()
@@ -124,6 +125,10 @@ def phase_accuracy(args, work: Path, results: dict) -> dict:
             f"ECE {metrics['ece']:.3f}  ({fit_s:.0f}s)",
             flush=True,
         )
+    state = {"fusion": models.get("fusion"), "train": train, "test": test, "rare": read_cases(work / "rare")}
+    if len(table) < 3:
+        print("not every variant trained: the accuracy figures are not recorded", flush=True)
+        return state
     best_single = max(table["image_only"]["auroc_macro"], table["record_only"]["auroc_macro"])
     results["accuracy"] = {
         "settings": {
@@ -139,7 +144,7 @@ def phase_accuracy(args, work: Path, results: dict) -> dict:
     }
     if args.save_model:
         models["fusion"].save(args.save_model, metrics=table["fusion"])
-    return {"fusion": models["fusion"], "train": train, "test": test, "rare": read_cases(work / "rare")}
+    return state
 
 
 def phase_design(args, results: dict) -> None:
@@ -444,6 +449,12 @@ def main() -> None:
     parser.add_argument(
         "--pooling", choices=("mean", "max"), help="accuracy: classifier pooling instead of the preset's"
     )
+    parser.add_argument(
+        "--variants",
+        default="fusion,image_only,record_only",
+        help="accuracy: which of fusion,image_only,record_only to train (exploration; the figure needs all)",
+    )
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="data generation processes")
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--design-cases", type=int, default=3000, help="design: drawn training cases")
     parser.add_argument("--repeats", type=int, default=20)
@@ -460,6 +471,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     phases = args.phases.split(",")
+    if "fewshot" in phases and "fusion" not in args.variants.split(","):
+        parser.error("--phases fewshot needs the fusion variant in --variants")
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "medical_bench.json"
     results = json.loads(json_path.read_text()) if json_path.is_file() else {}

@@ -175,6 +175,54 @@ def sincos_3d(grid: tuple[int, int, int], dim: int, device: torch.device) -> tor
     return out.view(-1, dim)
 
 
+def _pool_schedule(patch_size: tuple[int, ...], stages: int) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
+    """Max-pool kernels per stage that bring a volume down to its patch grid, and the factor left after them.
+
+    Each axis halves in the last ``log2`` stages its patch size allows (so thin axes keep their resolution
+    longest); whatever the halvings do not cover (a non-power-of-two patch) is pooled once at the end.
+    """
+    halvings = [(p & -p).bit_length() - 1 for p in patch_size]  # log2 of the largest power-of-2 divisor
+    kernels = []
+    for stage in range(stages):
+        kernels.append(tuple(2 if h > stages - 1 - stage else 1 for h in halvings))
+    done = [math.prod(k[axis] for k in kernels) for axis in range(len(patch_size))]
+    return kernels, tuple(p // d for p, d in zip(patch_size, done, strict=True))
+
+
+class ConvStem(nn.Module):
+    """A small 3-D CNN from the voxels to the patch grid: three stages of two 3x3x3 convolutions with
+    GroupNorm and GELU, each stage max-pooled, widths ``(w, 2w, 4w)``.
+
+    Output: ``(B, 4w, D', H', W')``, one feature vector per patch token, each summarising a receptive field
+    wider than its patch (a lesion on a patch border still shows).
+    """
+
+    STAGES = 3
+
+    def __init__(self, in_channels: int, width: int, patch_size: tuple[int, int, int]) -> None:
+        super().__init__()
+        kernels, self.rest = _pool_schedule(patch_size, self.STAGES)
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for stage, kernel in enumerate(kernels):
+            out = width * 2**stage
+            for _ in range(2):
+                conv = nn.Conv3d(channels, out, kernel_size=3, padding=1)
+                conv.fan_in_init = True  # see CoreModel._init_weights
+                layers += [conv, nn.GroupNorm(math.gcd(4, out), out), nn.GELU()]
+                channels = out
+            if any(k > 1 for k in kernel):
+                layers.append(nn.MaxPool3d(kernel, kernel))
+        self.layers = nn.Sequential(*layers)
+        self.out_channels = channels
+
+    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+        features = self.layers(volume)
+        if any(r > 1 for r in self.rest):
+            features = F.max_pool3d(features, self.rest, self.rest)
+        return features
+
+
 class VolumeEmbedder(nn.Module):
     """3-D patch embedding of CT volumes: non-overlapping patches -> tokens with 3-D positions.
 
@@ -183,27 +231,18 @@ class VolumeEmbedder(nn.Module):
 
     With `config.volume_stem_channels` 0 a patch is one linear projection (ViT) and the positions are added
     before the norm. A linear projection of a whole patch barely separates a small lesion from the
-    anatomy around it (it depends on where in the patch the lesion lies), so the CT presets use the
-    convolutional stem instead (Xiao et al. 2021, "Early convolutions help transformers see better"): two
-    3x3x3 convolutions at full resolution, then each token is projected from the mean and the max of the
-    stem features over its patch, normalised, and the positions are added after the norm so they cannot
-    drown the content.
+    anatomy around it (it depends on where in the patch the lesion lies), so with a stem width > 0 a small
+    CNN (`ConvStem`; a hybrid ViT, cf. Xiao et al. 2021, "Early convolutions help transformers see better")
+    turns the voxels into one feature vector per patch, which is projected, normalised, and given its
+    position after the norm so the position cannot drown the content.
     """
 
     def __init__(self, config: CoreConfig) -> None:
         super().__init__()
         self.patch_size = tuple(config.volume_patch_size)
-        stem = config.volume_stem_channels
-        if stem:
-            self.stem = nn.Sequential(
-                nn.Conv3d(config.volume_channels, stem, kernel_size=3, padding=1),
-                nn.GELU(),
-                nn.Conv3d(stem, stem, kernel_size=3, padding=1),
-                nn.GELU(),
-            )
-            for conv in self.stem[::2]:
-                conv.fan_in_init = True  # see CoreModel._init_weights
-            self.proj = nn.Linear(2 * stem, config.hidden_size)
+        if config.volume_stem_channels:
+            self.stem = ConvStem(config.volume_channels, config.volume_stem_channels, self.patch_size)
+            self.proj = nn.Linear(self.stem.out_channels, config.hidden_size)
         else:
             self.stem = None
             self.proj = nn.Conv3d(
@@ -231,13 +270,6 @@ class VolumeEmbedder(nn.Module):
             tokens = self.proj(volume).flatten(2).transpose(1, 2)  # (B, N, hidden)
             tokens = tokens + sincos_3d(grid, tokens.shape[-1], tokens.device).to(tokens.dtype)
             return self.norm(tokens)
-        features = self.stem(volume)  # (B, S, D, H, W)
-        pooled = torch.cat(
-            [
-                F.avg_pool3d(features, self.patch_size, self.patch_size),
-                F.max_pool3d(features, self.patch_size, self.patch_size),
-            ],
-            dim=1,
-        )  # (B, 2S, D', H', W')
-        tokens = self.norm(self.proj(pooled.flatten(2).transpose(1, 2)))  # (B, N, hidden)
+        features = self.stem(volume)  # (B, 4w, D', H', W')
+        tokens = self.norm(self.proj(features.flatten(2).transpose(1, 2)))  # (B, N, hidden)
         return tokens + sincos_3d(grid, tokens.shape[-1], tokens.device).to(tokens.dtype)

@@ -108,6 +108,7 @@ def generate(
     cases: Annotated[int, typer.Option("--cases", help="Number of cases.")] = 60,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     shape: Annotated[str, typer.Option("--shape", help="Series shape SLICESxROWSxCOLS.")] = "32x96x96",
+    jobs: Annotated[int, typer.Option("--jobs", min=1, help="Worker processes (same files for any).")] = 1,
 ) -> None:
     """Write semi-synthetic cases: a DICOM CT series and a record per case, plus cases.csv."""
     from rich.progress import Progress
@@ -117,7 +118,7 @@ def generate(
     size = _parse_shape(shape)
     with Progress(transient=True) as progress:
         progress.add_task(f"generating {cases} cases", total=None)
-        manifest = write_cases(out, cases, seed, shape=size)
+        manifest = write_cases(out, cases, seed, shape=size, jobs=jobs)
     typer.echo(f"wrote {cases} cases to {out} ({manifest.name})")
 
 

@@ -30,7 +30,7 @@ from apps.medical.encode import (
     CATEGORICAL_VOCAB,
     NUMERIC_FEATURES,
     RECORD_FIELDS,
-    encode_case,
+    encode_cases,
     fit_record_stats,
     patch_indices,
     record_values,
@@ -222,7 +222,7 @@ class Diagnoser:
         grid = grid_for(self.preset)
         label_ids = {name: i for i, name in enumerate(labels)}
         stats = fit_record_stats([c.record for c in cases])
-        examples = [encode_case(c, grid, stats, label_ids=label_ids) for c in cases]
+        examples = encode_cases(cases, grid, stats, label_ids=label_ids)
 
         config = core_config(
             self.preset,
@@ -286,7 +286,7 @@ class Diagnoser:
             )
 
     def _encode(self, cases: Sequence[MedicalCase]) -> list[dict[str, Any]]:
-        return [encode_case(c, self.grid_, self.record_stats_) for c in cases]
+        return encode_cases(cases, self.grid_, self.record_stats_)
 
     def _forward(self, examples: Sequence[dict[str, Any]], output_attentions: bool = False):
         batch = collate(examples).to(self.device)

@@ -48,6 +48,7 @@ import datetime as dt
 import json
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -632,6 +633,28 @@ def write_series(case: SyntheticCase, series_dir: Path, seed: int, case_index: i
     return paths
 
 
+def _write_case(task: tuple[Path, int, int, str | None, tuple[int, int, int]]) -> dict[str, object]:
+    """Build and write case ``index`` (its series and record) under `out_dir`; its ``cases.csv`` row."""
+    out_dir, index, seed, label, shape = task
+    case = make_case(index, seed, label=label, shape=shape)
+    case_dir = out_dir / case.case_id
+    write_series(case, case_dir / "ct", seed, index)
+    record_file = case_dir / "record.json"
+    record_file.write_text(
+        json.dumps(record_to_dict(case.record), indent=2, ensure_ascii=False) + "\n", "utf-8"
+    )
+    logger.debug("wrote %s (%s, %s)", case.case_id, case.label, case.pattern)
+    return {
+        "case_id": case.case_id,
+        "series_dir": f"{case.case_id}/ct",
+        "record_file": f"{case.case_id}/record.json",
+        "label": case.label,
+        "pattern": case.pattern,
+        "presentation": case.presentation,
+        "lesion_voxels": int(case.lesion_mask.sum()),
+    }
+
+
 def generate(
     out_dir: str | Path,
     cases: int,
@@ -639,6 +662,7 @@ def generate(
     *,
     shape: tuple[int, int, int] = DEFAULT_SHAPE,
     labels: Sequence[str] | None = None,
+    jobs: int = 1,
 ) -> Path:
     """Write a semi-synthetic data set: per case a DICOM series and a record JSON, plus ``cases.csv``.
 
@@ -652,6 +676,7 @@ def generate(
         seed: the seed; the same seed writes byte-identical files.
         shape: ``(slices, rows, cols)`` per series.
         labels: the label of each case in order (length `cases`); default drawn with `LABEL_WEIGHTS`.
+        jobs: worker processes (cases are independent, so the files are the same for any `jobs`).
 
     Returns:
         The path of ``cases.csv``.
@@ -668,27 +693,13 @@ def generate(
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"{out_dir}: expected a new or empty folder for the generated data, it holds files")
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for index in range(cases):
-        case = make_case(index, seed, label=None if labels is None else labels[index], shape=shape)
-        case_dir = out_dir / case.case_id
-        write_series(case, case_dir / "ct", seed, index)
-        record_file = case_dir / "record.json"
-        record_file.write_text(
-            json.dumps(record_to_dict(case.record), indent=2, ensure_ascii=False) + "\n", "utf-8"
-        )
-        rows.append(
-            {
-                "case_id": case.case_id,
-                "series_dir": f"{case.case_id}/ct",
-                "record_file": f"{case.case_id}/record.json",
-                "label": case.label,
-                "pattern": case.pattern,
-                "presentation": case.presentation,
-                "lesion_voxels": int(case.lesion_mask.sum()),
-            }
-        )
-        logger.debug("wrote %s (%s, %s)", case.case_id, case.label, case.pattern)
+    case_labels = [None] * cases if labels is None else list(labels)
+    tasks = [(out_dir, index, seed, case_labels[index], shape) for index in range(cases)]
+    if jobs > 1 and cases > 1:
+        with ProcessPoolExecutor(max_workers=min(jobs, cases)) as pool:
+            rows = list(pool.map(_write_case, tasks, chunksize=max(1, cases // (4 * jobs))))
+    else:
+        rows = [_write_case(task) for task in tasks]
     manifest = out_dir / "cases.csv"
     with manifest.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

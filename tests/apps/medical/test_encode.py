@@ -12,6 +12,7 @@ from apps.medical.encode import (
     RECORD_FIELDS,
     VALUE_IDS,
     encode_case,
+    encode_cases,
     encode_record,
     encode_volume,
     fit_record_stats,
@@ -103,3 +104,19 @@ def test_a_case_without_ct_collates_with_cases_with_ct():
 def test_grid_shape_must_be_a_multiple_of_the_patch():
     with pytest.raises(ConfigError, match="multiples of patch_size"):
         VolumeGrid(shape=(10, 32, 32), spacing_mm=(5.0, 5.0, 5.0), patch_size=(4, 8, 8))
+
+
+def test_encoding_many_cases_on_threads_keeps_the_order_and_the_values():
+    stats = fit_record_stats([RECORD])
+    grid = GRIDS["tiny"]
+    rng = np.random.default_rng(0)
+    cases = [
+        MedicalCase(f"c{i}", RECORD, volume=_volume(rng.uniform(-1000, 400, (8, 32, 32))), label="normal")
+        for i in range(5)
+    ] + [MedicalCase("none", RECORD, volume=None, label="pneumonia")]
+    ids = {"normal": 0, "pneumonia": 1}
+    many = encode_cases(cases, grid, stats, label_ids=ids)
+    for case, example in zip(cases, many, strict=True):
+        one = encode_case(case, grid, stats, label_ids=ids)
+        np.testing.assert_array_equal(example["volume"], one["volume"])
+        assert example["labels"] == one["labels"] and example["volume_present"] == one["volume_present"]

@@ -110,9 +110,9 @@ def test_generation_is_deterministic_under_the_seed(tmp_path):
             if p.is_file()
         }
 
-    first = digest(generate(tmp_path / "a", 2, 11, shape=SHAPE).parent)
-    second = digest(generate(tmp_path / "b", 2, 11, shape=SHAPE).parent)
-    other = digest(generate(tmp_path / "c", 2, 12, shape=SHAPE).parent)
+    first = digest(generate(tmp_path / "a", 3, 11, shape=SHAPE).parent)
+    second = digest(generate(tmp_path / "b", 3, 11, shape=SHAPE, jobs=2).parent)  # worker processes
+    other = digest(generate(tmp_path / "c", 3, 12, shape=SHAPE).parent)
     assert first == second
     assert first["cases.csv"] == second["cases.csv"] and first != other
 
