@@ -3,8 +3,9 @@
 On generator data (finance transactions, medical CT + record cases, education interactions), in one run:
 
 1. the suite: one shared trunk trained jointly on the three apps (`apps.suite.train.train_suite`);
-2. each app's own model: the same trainer, architecture, settings and number of steps, on that app alone
-   (so the only difference is the joint training);
+2. each app's own model: the same trainer, architecture and settings, on that app alone, with as many
+   batches of its data and optimizer updates on them as the app gets in the suite (so the only difference
+   is the joint training; the suite interleaves the apps, one optimizer step per app batch);
 3. every model's parts are loaded through the apps' own predictors and scored on held-out test data:
    fraud average precision (the last week, with the earlier weeks as history), diagnosis macro AUROC
    (cases of another generator seed), knowledge-tracing AUC (held-out students, pyKT protocol);
@@ -26,6 +27,7 @@ Writes bench/results/suite_bench.json and .md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import platform
@@ -137,17 +139,33 @@ TEST_METRICS = {"finance": "average_precision", "medical": "auroc_macro", "educa
 
 # ------------------------------------------------------------------------------------------ main
 def suite_settings(args: argparse.Namespace) -> SuiteSettings:
-    """The training settings of every run (shared with bench/compress_bench.py)."""
+    """The suite's training settings (shared with bench/compress_bench.py).
+
+    `--steps` task batches per app: `--steps - --finish-steps` of them trained with every app (interleaved:
+    one optimizer step per app batch, the apps in turn; joint: one step per round of a batch of every app),
+    then `--finish-steps` per app alone on its own embedders, head and expert group.
+    """
+    if not 0 <= args.finish_steps < args.steps:
+        raise ValueError(f"--finish-steps must be in [0, --steps={args.steps}), got {args.finish_steps}")
     return SuiteSettings(
         epochs=1000.0,  # the length is set by the step caps, identical for every run
         pretrain_epochs=1000.0 if args.pretrain_steps > 0 else 0.0,
         learning_rate=args.learning_rate,
         seed=args.seed,
-        max_steps=args.steps,
+        max_steps=args.steps - args.finish_steps,
         pretrain_max_steps=args.pretrain_steps,
+        finish_steps=args.finish_steps,
+        loss_balance=args.loss_balance,
+        balance_scope=args.balance_scope,
+        interleave=args.step_mode == "interleaved",
         medical_preset=args.medical_preset,
         device=args.device,
     )
+
+
+def own_settings(args: argparse.Namespace) -> SuiteSettings:
+    """An app's own model: `--steps` task steps of all its parameters (no finishing), otherwise the suite's."""
+    return dataclasses.replace(suite_settings(args), max_steps=args.steps, finish_steps=0)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -157,14 +175,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     data = make_data(work_root, args)
     data_seconds = time.perf_counter() - started
-    settings = suite_settings(args)
+    settings = {"suite": suite_settings(args), "own": own_settings(args)}
     runs: dict[str, Any] = {}
     with warnings.catch_warnings():
         # Small validation sets: the finance threshold may fall back to best-F1; not what is measured here.
         warnings.simplefilter("ignore", UserWarning)
         for label, sources in [("suite", data["train"])] + [(app, {app: data["train"][app]}) for app in APPS]:
             t0 = time.perf_counter()
-            summary = train_suite(sources, work_root / f"model_{label}", settings)
+            run_settings = settings["suite" if label == "suite" else "own"]
+            summary = train_suite(sources, work_root / f"model_{label}", run_settings)
             train_seconds = time.perf_counter() - t0
             tests = {app: evaluate(app, work_root / f"model_{label}", data, args.device) for app in sources}
             runs[label] = {
@@ -191,7 +210,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "settings": {
             "steps": args.steps,
+            "finish_steps": args.finish_steps,
+            "joint_steps": args.steps - args.finish_steps,
             "pretrain_steps": args.pretrain_steps,
+            "step_mode": args.step_mode,
+            "loss_balance": args.loss_balance,
+            "balance_scope": args.balance_scope,
             "learning_rate": args.learning_rate,
             "seed": args.seed,
             "medical_preset": args.medical_preset,
@@ -287,17 +311,42 @@ def run_seeds(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _suite_budget(s: dict[str, Any]) -> str:
+    joint, finish = s.get("joint_steps", s["steps"]), s.get("finish_steps", 0)
+    if s.get("step_mode", "joint") == "interleaved":
+        text = (
+            f"Suite: interleaved, one optimizer step per app batch with the apps in turn ({joint} task and "
+            f"{s['pretrain_steps']} masked-field batches per app: {len(APPS)}x the trainer steps of one app, so the shared "
+            f"trunk gets {len(APPS)}x the updates, each from one app's batch)"
+        )
+    else:
+        text = (
+            f"Suite: joint, one optimizer step per round of a batch of every app ({joint} task rounds, app "
+            f"losses added as `{s.get('loss_balance', 'sum')}`)"
+        )
+    if finish:
+        text += (
+            f", then {finish} task batches per app alone on that app's embedders, head and domain expert group "
+            "(the shared trunk as the joint steps left it)"
+        )
+    return text + f". Aux-free balancing scope: {s.get('balance_scope', 'all')}."
+
+
 def markdown(result: dict[str, Any]) -> str:
     s, f = result["settings"], result["figures"]
     lines = [
         "# Suite benchmark",
         "",
-        f"Generator data ({result['data']}); {s['steps']} task steps and {s['pretrain_steps']} masked-field steps "
-        f"per run (one batch of every trained app per step), lr {s['learning_rate']}, seed {s['seed']}, medical "
-        f"preset `{s['medical_preset']}` (CT {s['ct_shape']}), device {s['device']}, {s['threads']} thread(s). "
+        f"Generator data ({result['data']}); lr {s['learning_rate']}, seed {s['seed']}, medical preset "
+        f"`{s['medical_preset']}` (CT {s['ct_shape']}), device {s['device']}, {s['threads']} thread(s). "
         f"Total {result['total_seconds']:.0f} s.",
         "",
-        "## Each app: suite model vs its own model (same trainer, architecture and steps), held-out test data",
+        "Training budget per app, the same in the suite and in its own model: "
+        f"{s['pretrain_steps']} masked-field batches, then {s['steps']} task batches of its own data, each "
+        "batch one optimizer update of that app's parameters; same trainer (AdamW, cosine schedule, gradient "
+        "clipping at 1), architecture and expert groups. " + _suite_budget(s),
+        "",
+        "## Each app: suite model vs its own model (same trainer, architecture and task batches), held-out test data",
         "",
         "| app | metric | suite | own model | delta | within 1 point |",
         "|---|---|---|---|---|---|",
@@ -371,9 +420,31 @@ def markdown(result: dict[str, Any]) -> str:
 
 def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
     """The suite's training settings and generated data sizes (shared with bench/compress_bench.py)."""
-    parser.add_argument("--steps", type=int, default=160, help="suite task steps per run")
+    parser.add_argument("--steps", type=int, default=160, help="task steps per app and run")
     parser.add_argument(
         "--pretrain-steps", type=int, default=24, help="suite masked-field steps per run (0: skip)"
+    )
+    parser.add_argument(
+        "--step-mode",
+        default="interleaved",
+        choices=("interleaved", "joint"),
+        help="suite optimizer steps: one per app batch, apps in turn (interleaved), or one per round of a "
+        "batch of every app with the losses added (joint)",
+    )
+    parser.add_argument(
+        "--finish-steps",
+        type=int,
+        default=0,
+        help="of --steps, the suite's last task steps per app alone on its own parameters (0: none)",
+    )
+    parser.add_argument(
+        "--loss-balance", default="sum", choices=("sum", "relative"), help="joint steps: how losses add"
+    )
+    parser.add_argument(
+        "--balance-scope",
+        default="group",
+        choices=("all", "group"),
+        help="aux-free balancing: global mean (all), or global plus within each expert group (group)",
     )
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--accounts", type=int, default=300)
@@ -399,6 +470,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.steps, args.pretrain_steps, args.accounts, args.cases, args.test_cases = 6, 2, 60, 15, 10
+        args.finish_steps = min(args.finish_steps, 2)
         args.ct_shape, args.students, args.answers = "16x32x32", 40, 20
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():

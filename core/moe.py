@@ -135,6 +135,14 @@ class DomainMoE(nn.Module):
         self.track_routing = True
         #: "auto" (grouped GEMMs on CUDA in bf16, the per-expert loop elsewhere), "grouped" or "loop".
         self.dispatch = "auto"
+        #: None: aux-free balancing moves every expert towards the mean load of all experts. Else lists of
+        #: expert ids (see `set_balance_groups`): each expert also moves towards its group's mean load.
+        self.balance_groups: list[list[int]] | None = None
+        self.balance_global = True
+        #: Apply the aux-free update at every `balance_every`-th `update_balance()` call, on the loads summed
+        #: since the last one (e.g. once per round when the optimizer steps take one domain's batch each).
+        self.balance_every = 1
+        self._balance_calls = 0
 
         self.router = nn.Linear(config.hidden_size, self.num_experts, bias=False)
         self.domain_prior: nn.Embedding | None = None
@@ -445,17 +453,72 @@ class DomainMoE(nn.Module):
         Call once per optimizer step (`MoEBalanceCallback` does). Under torch.distributed the loads are summed
         over ranks first, so every rank applies the same update; run DDP with `broadcast_buffers=False`
         (`TrainingArguments(ddp_broadcast_buffers=False)`) so per-rank loads are not overwritten by rank 0's.
-        Does nothing unless `config.balance == "aux_free"`.
+        With `balance_every` k > 1 (`set_balance_every`), only every k-th call updates, on the loads summed
+        since the last update. Does nothing unless `config.balance == "aux_free"`.
         """
         if self.balance != "aux_free":
             return
+        self._balance_calls += 1
+        if self._balance_calls % self.balance_every:
+            return  # keep summing the loads until the `balance_every`-th call
         self._keep_float32_buffers()
         load = self.expert_load.float()  # (E,)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(load)
-        if load.sum().item() > 0:
+        if load.sum().item() > 0 and (self.balance_groups is None or self.balance_global):
             self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        for experts in self.balance_groups or []:
+            index = torch.as_tensor(experts, dtype=torch.long, device=load.device)
+            group_load = load.index_select(0, index)  # (G,)
+            if group_load.sum().item() > 0:
+                step = self.bias_update_rate * torch.sign(group_load.mean() - group_load)  # (G,)
+                self.expert_bias.index_add_(0, index, step)
         self.expert_load.zero_()
+
+    def set_balance_every(self, calls: int) -> None:
+        """Update the selection bias at every `calls`-th `update_balance()` call (1: every call), from now on.
+
+        When each optimizer step trains on one domain's batch only (domains taking turns), a per-step update
+        sees one domain's load: every other domain's experts look idle and gain, the experts all domains
+        share look busy and lose, step after step. Summing the loads over a full turn of the domains gives
+        the update the mixed load a step of all domains would have given.
+
+        Raises:
+            InputValidationError: `calls` below 1.
+        """
+        if calls < 1:
+            raise InputValidationError(f"DomainMoE.set_balance_every: expected calls >= 1, got {calls}")
+        self.balance_every = calls
+        self._balance_calls = 0
+
+    def set_balance_groups(self, groups: list[list[int]] | None, with_global: bool = True) -> None:
+        """Balance the load inside groups of experts too (None: across all experts only, the default).
+
+        With domain expert groups and domains of very different token counts, the global mean ranks whole
+        groups (every expert of a busy domain's group is above it, every expert of a quiet one below), so
+        the global sign update moves a group's experts together and never evens out the load inside a
+        group: one expert can stay cold. With groups, an expert in a group also moves by
+        `bias_update_rate * sign(group_mean - load_e)`, so inside a group the busier expert always loses
+        ground to the colder one, while the global term keeps balancing the groups against each other.
+
+        Args:
+            groups: disjoint lists of expert ids of this layer, or None.
+            with_global: keep the global term. False: only the experts in `groups` move, by the group term
+                alone (e.g. while one domain trains alone and must not move the bias the others read).
+
+        Raises:
+            InputValidationError: an expert id outside [0, num_experts), or one listed twice.
+        """
+        if groups is not None:
+            flat = [e for experts in groups for e in experts]
+            if any(not 0 <= e < self.num_experts for e in flat) or len(set(flat)) != len(flat):
+                raise InputValidationError(
+                    f"DomainMoE.set_balance_groups: expected disjoint expert ids in [0, {self.num_experts}), "
+                    f"got {groups}"
+                )
+            groups = [list(experts) for experts in groups if experts]
+        self.balance_groups = groups
+        self.balance_global = with_global or groups is None
 
     def reset_routing_stats(self) -> None:
         """Clear the per-domain routing statistics (`domain_expert_counts`, `domain_expert_mass`)."""

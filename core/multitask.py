@@ -3,15 +3,19 @@
 Each task keeps its own `CoreModel` (its own config: embedders, heads, causal or bidirectional attention),
 while the trunk (every layer's norms, attention projections and output gate, the DomainMoE blocks with
 their router, experts and balancing state, and the final norm) is one set of modules shared by all of
-them. A training step (`MultiTaskModel.forward`) runs one batch per task through its own model and sums
-the losses, so one optimizer step and one aux-free balance update see every task; no batch mixes tasks,
-since their embedders differ.
+them. A training step (`MultiTaskModel.forward`) runs one batch per task through its own model and adds
+the losses (plain or balanced, see `LOSS_BALANCES`), so one optimizer step and one aux-free balance update
+see every task; no batch mixes tasks, since their embedders differ. With `RoundRobinDataset(interleave=True)`
+a step holds one task's batch instead (the tasks take turns), so each task's gradient is clipped and
+Adam-scaled on its own, as in a single-task run. `MultiTaskModel.finishing` trains one task's private
+parameters (and its expert group) alone, leaving everything the other tasks use unchanged.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -21,8 +25,28 @@ from torch.utils.data import Dataset
 from core.config import CoreConfig
 from core.errors import ConfigError, InputValidationError
 from core.model import CoreModel, CoreOutput
+from core.moe import DomainMoE
 
-__all__ = ["TRUNK_FIELDS", "MultiTaskModel", "RoundCollator", "RoundRobinDataset", "tie_trunk"]
+__all__ = [
+    "LOSS_BALANCES",
+    "TRUNK_FIELDS",
+    "MultiTaskModel",
+    "RoundCollator",
+    "RoundRobinDataset",
+    "tie_trunk",
+    "trunk_parameters",
+]
+
+LOSS_BALANCES = ("sum", "relative")
+"""How `MultiTaskModel.forward` adds the task losses.
+
+- "sum": the plain sum. A task whose loss is small by nature (a rare-positive BCE such as fraud, ~0.1 against
+  a 6-class cross-entropy's ~1) then has small gradients, and the shared trunk, whose Adam step is
+  normalised by the summed gradient, follows the other tasks.
+- "relative": task i's loss is weighted by `mean_j L_j / L_i` (both detached), so every task's gradient is
+  that of `mean_j L_j * log L_i`: each task moves the trunk by its relative, not absolute, loss change. The
+  weights sum to the number of tasks, and with one task the loss is unchanged.
+"""
 
 TRUNK_FIELDS = (
     "hidden_size",
@@ -88,30 +112,62 @@ def tie_trunk(models: Mapping[str, CoreModel]) -> None:
         model.final_norm = reference.final_norm
 
 
+def trunk_parameters(model: CoreModel) -> list[nn.Parameter]:
+    """The parameters of `model` that `tie_trunk` shares: per layer the norms, attention projections, output
+    gate, `gating_factor` and feed-forward block, and the final norm (each parameter once)."""
+    modules: list[nn.Module] = [model.final_norm]
+    params: list[nn.Parameter] = []
+    for layer in model.layers:
+        modules += [layer.attention_norm, layer.ffn_norm, layer.ffn]
+        modules += [m for m in (getattr(layer.attention, n) for n in _ATTENTION_SHARED) if m is not None]
+        params.append(layer.attention.gating_factor)
+    return _unique([q for m in modules for q in m.parameters()] + params)
+
+
+def _unique(params: Sequence[nn.Parameter]) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    out = []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
 class MultiTaskModel(nn.Module):
     """Several CoreModels over one shared trunk, trained together by `transformers.Trainer`.
 
     Args:
         models: task name -> its CoreModel; the trunks are tied here (see `tie_trunk`).
+        loss_balance: how the task losses are added, one of `LOSS_BALANCES`.
+
+    Raises:
+        ConfigError: configs that disagree on the trunk, or an unknown `loss_balance`.
 
     Attributes:
         tasks: the per-task models (`nn.ModuleDict`); parameters shared between them appear once in
             `parameters()`, so the optimizer updates each once.
     """
 
-    def __init__(self, models: Mapping[str, CoreModel]) -> None:
+    def __init__(self, models: Mapping[str, CoreModel], loss_balance: str = "sum") -> None:
         super().__init__()
         tie_trunk(models)
+        if loss_balance not in LOSS_BALANCES:
+            raise ConfigError(
+                f"MultiTaskModel: loss_balance must be one of {LOSS_BALANCES}, got {loss_balance!r}"
+            )
         self.tasks = nn.ModuleDict(dict(models))
+        self.loss_balance = loss_balance
 
     def forward(self, task_batches: Mapping[str, Mapping[str, Any]]) -> CoreOutput:
-        """Run each task's batch through its model; the loss is the sum of the task losses.
+        """Run each task's batch through its model; the loss adds the task losses (see `LOSS_BALANCES`).
 
         Args:
             task_batches: task name -> the keyword arguments of `CoreModel.forward` (a collated `Batch`).
 
         Returns:
-            `CoreOutput` with `loss` (the sum) and `aux_loss` (summed router balancing losses, if any).
+            `CoreOutput` with `loss` (the balanced task losses plus the router balancing losses) and
+            `aux_loss` (summed router balancing losses, if any).
 
         Raises:
             InputValidationError: an unknown task, or a task batch without a loss (no targets).
@@ -125,12 +181,92 @@ class MultiTaskModel(nn.Module):
             out = self.tasks[name](**batch)
             if out.loss is None:
                 raise InputValidationError(f"MultiTaskModel: the batch of task {name!r} produced no loss")
-            losses.append(out.loss)
             if out.aux_loss is not None:
                 aux.append(out.aux_loss)
+                losses.append(out.loss - out.aux_loss)  # the balancing loss is added once, unweighted
+            else:
+                losses.append(out.loss)
         if not losses:
             raise InputValidationError("MultiTaskModel: no task batch given")
-        return CoreOutput(loss=torch.stack(losses).sum(), aux_loss=torch.stack(aux).sum() if aux else None)
+        task_losses = torch.stack(losses)  # (n_tasks,)
+        if self.loss_balance == "relative":
+            detached = task_losses.detach()
+            # Floor: a task that reached ~0 loss must not get an unbounded weight.
+            weights = detached.mean() / torch.maximum(detached, 1e-3 * detached.mean() + 1e-12)
+            task_losses = task_losses * weights
+        loss = task_losses.sum()
+        aux_loss = torch.stack(aux).sum() if aux else None
+        return CoreOutput(loss=loss if aux_loss is None else loss + aux_loss, aux_loss=aux_loss)
+
+    def private_parameters(self, task: str) -> list[nn.Parameter]:
+        """The parameters of `task` outside the shared trunk: its embedders and heads.
+
+        Raises:
+            InputValidationError: an unknown task.
+        """
+        model = self._task(task)
+        trunk = {id(p) for p in trunk_parameters(model)}
+        return [p for p in model.parameters() if id(p) not in trunk]
+
+    def expert_parameters(self, task: str, experts: Sequence[int]) -> list[nn.Parameter]:
+        """The parameters of the routed experts `experts` in every MoE layer of `task`'s trunk.
+
+        Raises:
+            InputValidationError: an unknown task, or an expert id outside a layer's experts.
+        """
+        params = []
+        for index, moe in enumerate(self._task(task).moe_layers()):
+            for expert in experts:
+                if not 0 <= expert < moe.num_experts:
+                    raise InputValidationError(
+                        f"MultiTaskModel: expert {expert} outside [0, {moe.num_experts}) in MoE layer {index}"
+                    )
+                params.extend(moe.experts[expert].parameters())
+        return params
+
+    @contextmanager
+    def finishing(self, task: str, experts: Sequence[int] = ()) -> Iterator[list[nn.Parameter]]:
+        """Within the block only `task`'s private parameters and the routed `experts` are trainable.
+
+        Everything else (attention, norms, router and domain prior, shared and other routed experts, the
+        other tasks' embedders and heads) has `requires_grad=False`. Aux-free balancing goes on among
+        `experts` only (from this task's loads, which are the only loads then), so the selection bias of
+        every other expert, which the other tasks' routing reads, stays as it is. On exit every parameter's
+        `requires_grad` and every MoE layer's balance groups are restored.
+
+        Args:
+            task: the task to finish.
+            experts: routed expert ids (in every MoE layer) trained with it, e.g. its domain's expert group.
+
+        Yields:
+            The trainable parameters.
+
+        Raises:
+            InputValidationError: an unknown task, or an expert id outside a layer's experts.
+        """
+        trainable = self.private_parameters(task) + self.expert_parameters(task, experts)
+        chosen = {id(p) for p in trainable}
+        saved = {id(p): p.requires_grad for p in self.parameters()}
+        moe_layers = [m for m in self.modules() if isinstance(m, DomainMoE)]
+        balance_groups = [(m.balance_groups, m.balance_global, m.balance_every) for m in moe_layers]
+        try:
+            for p in self.parameters():
+                p.requires_grad_(id(p) in chosen)
+            for moe in moe_layers:
+                moe.set_balance_groups([list(experts)], with_global=False)
+                moe.set_balance_every(1)
+            yield trainable
+        finally:
+            for p in self.parameters():
+                p.requires_grad_(saved[id(p)])
+            for moe, (groups, with_global, every) in zip(moe_layers, balance_groups, strict=True):
+                moe.balance_groups, moe.balance_global = groups, with_global
+                moe.set_balance_every(every)
+
+    def _task(self, task: str) -> CoreModel:
+        if task not in self.tasks:
+            raise InputValidationError(f"MultiTaskModel: unknown task {task!r}; known: {list(self.tasks)}")
+        return self.tasks[task]
 
 
 class RoundRobinDataset(Dataset):
@@ -140,10 +276,16 @@ class RoundRobinDataset(Dataset):
     the task with the most batches, and the smaller tasks start over (reshuffled) when they run out. Use it
     with `per_device_train_batch_size=1` and `RoundCollator`.
 
+    With `interleave=True` every round is spread over as many items as there are tasks, one task each
+    (item i is task `i % n_tasks`'s batch of round `i // n_tasks`): one optimizer step per task batch
+    instead of one per round, so every task's batch gets its own step, clipped and scaled on its own, as
+    in a single-task run of the same number of batches; the shared trunk gets n_tasks times the steps.
+
     Args:
         task_examples: task name -> encoded examples (see `core.data`).
         batch_sizes: task name -> examples per batch.
         seed: seeds the shuffles (and `set_epoch` reshuffles reproducibly).
+        interleave: one task per item instead of one batch of every task.
 
     Raises:
         InputValidationError: no tasks, a task without examples, or a missing / non-positive batch size.
@@ -154,6 +296,7 @@ class RoundRobinDataset(Dataset):
         task_examples: Mapping[str, Sequence[Mapping[str, Any]]],
         batch_sizes: Mapping[str, int],
         seed: int = 0,
+        interleave: bool = False,
     ) -> None:
         if not task_examples:
             raise InputValidationError("RoundRobinDataset: no tasks")
@@ -168,6 +311,7 @@ class RoundRobinDataset(Dataset):
         self.task_examples = {name: list(examples) for name, examples in task_examples.items()}
         self.batch_sizes = dict(batch_sizes)
         self.seed = seed
+        self.interleave = interleave
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -183,11 +327,15 @@ class RoundRobinDataset(Dataset):
         self._rounds = max(len(b) for b in batches.values())
 
     def __len__(self) -> int:
-        return self._rounds
+        return self._rounds * len(self._batches) if self.interleave else self._rounds
 
     def __getitem__(self, index: int) -> dict[str, list[Mapping[str, Any]]]:
+        names = list(self._batches)
+        if self.interleave:
+            names, index = [names[index % len(names)]], index // len(names)
         item = {}
-        for name, batches in self._batches.items():
+        for name in names:
+            batches = self._batches[name]
             chosen = batches[index % len(batches)]
             item[name] = [self.task_examples[name][i] for i in chosen]
         return item

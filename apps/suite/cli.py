@@ -39,7 +39,30 @@ def train(
     pretrain_epochs: Annotated[float, typer.Option(help="Masked-field epochs (stage 1); 0 skips it.")] = 1.0,
     learning_rate: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-3,
     medical_preset: Annotated[str, typer.Option(help="Medical CT grid preset: small or tiny.")] = "small",
-    max_steps: Annotated[int, typer.Option(help="Cap on steps per stage (-1: none).")] = -1,
+    max_steps: Annotated[int, typer.Option(help="Cap on batches per app and stage (-1: none).")] = -1,
+    finish_steps: Annotated[
+        int,
+        typer.Option(
+            help="Task steps per app after the joint ones, on that app's own parameters only (0: none)."
+        ),
+    ] = 0,
+    loss_balance: Annotated[
+        str, typer.Option(help="How joint steps add the app losses: sum or relative.")
+    ] = "sum",
+    interleave: Annotated[
+        bool,
+        typer.Option(
+            "--interleave/--joint",
+            help="One optimizer step per app batch, apps in turn (interleave), or one per round of a batch of "
+            "every app with the losses added (joint).",
+        ),
+    ] = True,
+    balance_scope: Annotated[
+        str,
+        typer.Option(
+            help="Aux-free expert balancing: all (global mean) or group (global plus within each expert group)."
+        ),
+    ] = "group",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     register: Annotated[bool, typer.Option(help="Record the run in the database.")] = True,
 ) -> None:
@@ -63,6 +86,10 @@ def train(
         learning_rate=learning_rate,
         seed=seed,
         max_steps=max_steps,
+        finish_steps=finish_steps,
+        loss_balance=loss_balance,
+        balance_scope=balance_scope,
+        interleave=interleave,
         medical_preset=medical_preset,
         device="cuda" if torch.cuda.is_available() else "cpu",
     )

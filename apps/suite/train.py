@@ -3,7 +3,11 @@
 Each app prepares its training exactly as its own `fit` does (`prepare_fit`: reading, validation split,
 encoders, examples, config), with the suite's trunk fields. The apps' models are tied to one trunk
 (`core.multitask`), every token is tagged with its app as domain id, and `transformers.Trainer` runs stage 1
-(masked-field modelling on every app) and stage 2 (every app's task), one batch of each app per step.
+(masked-field modelling on every app) and stage 2 (every app's task). By default the apps' batches take turns,
+one optimizer step each (`SuiteSettings.interleave`): summed into one step, the gradient clip and Adam's
+scaling of the shared trunk are set by the app with the largest gradients (medical), which starves the others
+(fraud's loss stayed ~0.04 above its own model's). Each app thus gets the batches and the optimizer updates
+on them of a single-app run, and the shared trunk one update per app batch.
 Each app's part is then exported as a normal model directory of that app (`export_task_model` keeps the
 domain the suite gave its tokens), finished and evaluated by the app's own predictor (`finish_fit`, the
 app's validation metrics) and saved with the app's own `save`. `suite.json` lists the parts, the expert
@@ -53,9 +57,20 @@ class SuiteSettings:
         pretrain_epochs: stage-1 (masked-field) epochs; 0 skips stage 1.
         learning_rate: AdamW peak learning rate.
         seed: seeds everything.
-        max_steps: cap on steps per stage (-1: by epochs).
-        pretrain_max_steps: cap on stage-1 steps when it differs from `max_steps` (None: `max_steps`).
+        max_steps: cap on task batches per app (-1: by epochs); joint, one step is a batch of every app.
+        pretrain_max_steps: the same cap for stage 1 when it differs from `max_steps` (None: `max_steps`).
         medical_preset: the medical CT grid and attention preset (`"small"`, `"tiny"`).
+        finish_steps: stage-2 steps per app after the joint steps, in which only that app's embedders,
+            heads and domain expert group train (`MultiTaskModel.finishing`), one app after the other; the
+            app parts keep one shared trunk. 0 skips it.
+        loss_balance: how the joint steps add the apps' losses (`core.multitask.LOSS_BALANCES`).
+        interleave: one optimizer step per app batch (the apps in turn) instead of one per round of a batch
+            of every app; `max_steps` and `pretrain_max_steps` still count each app's batches, so every app
+            gets as many batches and as many optimizer steps on them as a single-app run.
+        balance_scope: aux-free balancing of the routed experts: "all" (towards the mean load of all
+            experts) or "group" (that, plus a step towards the mean load of the expert's own group: each
+            domain's group and the general group; `DomainMoE.set_balance_groups`), which evens out the load
+            inside a group whose experts all sit on one side of the global mean.
         trunk: changes to the trunk fields of `apps.suite.config.TRUNK`.
         batch_sizes: per-app batch sizes (default `BATCH_SIZES`).
         device: "cpu" or "cuda".
@@ -69,6 +84,10 @@ class SuiteSettings:
     max_steps: int = -1
     pretrain_max_steps: int | None = None
     medical_preset: str = "small"
+    finish_steps: int = 0
+    loss_balance: str = "sum"
+    balance_scope: str = "group"
+    interleave: bool = True
     trunk: Mapping[str, Any] = field(default_factory=dict)
     batch_sizes: Mapping[str, int] = field(default_factory=lambda: dict(BATCH_SIZES))
     device: str = "cpu"
@@ -225,6 +244,10 @@ def train_suite(
 ) -> dict[str, Any]:
     """Train the suite model on the given apps' data and write the suite directory.
 
+    Stage 1 (masked-field) and stage 2 (task) are joint: one batch of every app per step. With
+    `settings.finish_steps`, each app then gets that many task steps alone on its own embedders, head and
+    domain expert group (the shared trunk stays as the joint steps left it).
+
     Args:
         sources: app name -> its training data (finance: a transactions file; medical: a folder with
             cases.csv; education: an interactions CSV). One app alone trains a single-app model with the
@@ -236,7 +259,8 @@ def train_suite(
         The contents of `suite.json`.
 
     Raises:
-        InputValidationError: no app, or an unknown app name; the apps' own errors on bad data.
+        InputValidationError: no app, an unknown app name, or invalid settings (balance scope, loss
+            balance, finishing steps); the apps' own errors on bad data.
     """
     from transformers import set_seed
 
@@ -252,6 +276,7 @@ def train_suite(
     unknown = sorted(set(sources) - set(SUITE_DOMAINS))
     if unknown:
         raise InputValidationError(f"suite train: unknown apps {unknown}; known: {list(SUITE_DOMAINS)}")
+    _check_settings(settings)
     names = [name for name in SUITE_DOMAINS if name in sources]
     out = Path(out)
     started = time.perf_counter()
@@ -262,14 +287,20 @@ def train_suite(
     runs = {name: PREPARE[name](Path(sources[name]), settings, dict(trunk)) for name in names}
     set_seed(settings.seed)
     models = {name: CoreModel(_suite_config(run.plan, groups)) for name, run in runs.items()}
-    suite = MultiTaskModel(models)
+    suite = MultiTaskModel(models, loss_balance=settings.loss_balance)
+    _set_balance_scope(suite, settings.balance_scope, groups, trunk["n_routed_experts"])
+    # Interleaved, a step holds one app's batch: balance on the load of a whole round of the apps.
+    _set_balance_every(suite, len(names) if settings.interleave else 1)
     domain_ids = {name: SUITE_DOMAINS.index(name) for name in names}
     batch_sizes = {name: run.batch_size for name, run in runs.items()}
     common = dict(
         learning_rate=settings.learning_rate,
-        batch_size=1,  # one round (a batch of every app) per step
+        batch_size=1,  # one item of RoundRobinDataset (a round, or one app's batch when interleaved) per step
         seed=settings.seed,
-        max_steps=settings.max_steps,
+        max_steps=trainer_steps(settings.max_steps, len(names), settings.interleave),
+        # Interleaved items must run in order (app 1, 2, 3, 1, ...) so that a step cap gives every app exactly
+        # its share; the dataset shuffles each app's batches itself, every epoch.
+        train_sampling_strategy="sequential" if settings.interleave else "random",
         use_cpu=settings.device == "cpu",
         logging_steps=10,
         disable_tqdm=not settings.show_progress,
@@ -282,11 +313,13 @@ def train_suite(
                 {n: _tagged(r.plan.pretrain_examples, domain_ids[n]) for n, r in runs.items()},
                 batch_sizes,
                 seed=settings.seed,
+                interleave=settings.interleave,
             )
             collator = RoundCollator({n: MaskedFieldCollator(seed=settings.seed) for n in names})
             pretrain_steps = (
                 settings.max_steps if settings.pretrain_max_steps is None else settings.pretrain_max_steps
             )
+            pretrain_steps = trainer_steps(pretrain_steps, len(names), settings.interleave)
             args = default_training_args(
                 Path(work) / "pretrain",
                 epochs=settings.pretrain_epochs,
@@ -298,10 +331,17 @@ def train_suite(
             {n: _tagged(r.plan.task_examples, domain_ids[n]) for n, r in runs.items()},
             batch_sizes,
             seed=settings.seed,
+            interleave=settings.interleave,
         )
         collator = RoundCollator({n: TaskCollator() for n in names})
         args = default_training_args(Path(work) / "task", epochs=settings.epochs, **common)
         training["task"] = run_stage(suite, dataset, args, collator)
+        if settings.finish_steps > 0:
+            for name, run in runs.items():
+                set_seed(settings.seed)
+                training[f"finish_{name}"] = _finish_stage(
+                    suite, name, run, domain_ids[name], groups.get(name, []), settings, common, Path(work)
+                )
     suite.eval()
 
     out.mkdir(parents=True, exist_ok=True)
@@ -335,6 +375,10 @@ def train_suite(
             "max_steps": settings.max_steps,
             "pretrain_max_steps": settings.pretrain_max_steps,
             "medical_preset": settings.medical_preset,
+            "finish_steps": settings.finish_steps,
+            "loss_balance": settings.loss_balance,
+            "balance_scope": settings.balance_scope,
+            "interleave": settings.interleave,
             "batch_sizes": batch_sizes,
         },
         "data_fingerprints": {n: r.predictor.data_fingerprint_ for n, r in runs.items()},
@@ -344,6 +388,79 @@ def train_suite(
     }
     (out / SUITE_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
     return summary
+
+
+def trainer_steps(steps: int, n_apps: int, interleave: bool) -> int:
+    """The Trainer's step cap for a cap of `steps` batches per app (-1 stays -1: no cap).
+
+    Interleaved, one Trainer step is one app's batch, so every app gets `steps` batches in
+    `steps * n_apps` steps; otherwise one step is a batch of every app.
+    """
+    return steps * n_apps if interleave and steps > 0 else steps
+
+
+BALANCE_SCOPES = ("all", "group")
+
+
+def _check_settings(settings: SuiteSettings) -> None:
+    from core.multitask import LOSS_BALANCES
+
+    if settings.balance_scope not in BALANCE_SCOPES:
+        raise InputValidationError(
+            f"suite: balance_scope must be one of {BALANCE_SCOPES}, got {settings.balance_scope!r}"
+        )
+    if settings.loss_balance not in LOSS_BALANCES:
+        raise InputValidationError(
+            f"suite: loss_balance must be one of {LOSS_BALANCES}, got {settings.loss_balance!r}"
+        )
+    if settings.finish_steps < 0:
+        raise InputValidationError(f"suite: finish_steps must be >= 0, got {settings.finish_steps}")
+
+
+def _set_balance_scope(suite: Any, scope: str, groups: Mapping[str, list[int]], n_routed: int) -> None:
+    from core.moe import DomainMoE
+
+    balance_groups = None if scope == "all" else [*groups.values(), _general(groups, n_routed)]
+    for module in suite.modules():
+        if isinstance(module, DomainMoE):
+            module.set_balance_groups(balance_groups)
+
+
+def _set_balance_every(suite: Any, calls: int) -> None:
+    from core.moe import DomainMoE
+
+    for module in suite.modules():
+        if isinstance(module, DomainMoE):
+            module.set_balance_every(calls)
+
+
+def _finish_stage(
+    suite: Any,
+    name: str,
+    run: AppRun,
+    domain_id: int,
+    experts: list[int],
+    settings: SuiteSettings,
+    common: Mapping[str, Any],
+    work: Path,
+) -> dict[str, float]:
+    """`settings.finish_steps` task steps of one app alone, on its private parameters and expert group.
+
+    The joint steps fit the shared trunk to every app at once; this lets the app's embedders, head and
+    own experts adapt to the trunk they ended with, without moving anything another app's part uses.
+    """
+    from core.multitask import RoundCollator, RoundRobinDataset
+    from core.train import TaskCollator, default_training_args, run_stage
+
+    # Another shuffle than the joint stage's first batches (which this app's batches started with).
+    seed = settings.seed + 1 + domain_id
+    dataset = RoundRobinDataset(
+        {name: _tagged(run.plan.task_examples, domain_id)}, {name: run.batch_size}, seed=seed
+    )
+    common = {**common, "max_steps": settings.finish_steps}
+    args = default_training_args(work / f"finish-{name}", epochs=settings.epochs, **common)
+    with suite.finishing(name, experts):
+        return run_stage(suite, dataset, args, RoundCollator({name: TaskCollator()}))
 
 
 def _general(groups: Mapping[str, list[int]], n_routed_experts: int) -> list[int]:
