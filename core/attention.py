@@ -6,6 +6,8 @@ projection). Each query block keeps its own block plus the `top_k_blocks` best-s
 only those K/V blocks are gathered and fed to one fused `scaled_dot_product_attention` call (CPU and
 fallback), or turned into a FlexAttention block mask (CUDA). Below `dense_below` tokens, and in the last
 `dense_tail_layers` layers, exact dense attention runs instead. A sigmoid output gate per head follows.
+With `recency_bias`, every path adds `-slope_h * (i - j)` to the logit of query i and key j: a learned
+per-head decay with distance (ALiBi with learned slopes; AKT's monotonic attention in additive form).
 
 The top-k choice is discrete; the gate learns through a straight-through factor: each query block's
 output is multiplied by `m / m.detach()`, where `m` is the gate probability mass of the kept blocks.
@@ -88,6 +90,25 @@ def attention_flop_counter() -> FlopCounterMode:
         display=False,
         custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa_flops},
     )
+
+
+def initial_recency_slopes(num_heads: int) -> torch.Tensor:
+    """(H,) raw slope parameters whose softplus is ALiBi's geometric slopes 2^(-8 (h + 1) / H).
+
+    The heads start from a spread of ranges (the first one mostly looks at the last few answers, the last
+    one almost uniformly back to the start of the window) and training moves each slope.
+    """
+    slopes = 2.0 ** (-8.0 * torch.arange(1, num_heads + 1, dtype=torch.float32) / num_heads)  # (H,)
+    return slopes + torch.log(-torch.expm1(-slopes))  # softplus^-1(slopes)
+
+
+def recency_logits(slopes: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+    """Additive logits `-slope_h * max(distance, 0)` for slopes (H,) and distances (B|1, H|1, ...).
+
+    Keys ahead of the query (negative distance) get 0 here; causality masks them separately.
+    """
+    shape = (1, -1) + (1,) * (distance.dim() - 2)
+    return -slopes.view(shape) * distance.clamp_min(0)
 
 
 # ---------------------------------------------------------------------- block selection (stateless)
@@ -276,8 +297,13 @@ def _flex_sparse(
     causal: bool,
     full_blocks: bool,
     exact_mask: bool,
+    slopes=None,
+    positions=None,
 ):
-    """Gate, selection, block mask and FlexAttention as one function (compiled as one graph on CUDA)."""
+    """Gate, selection, block mask and FlexAttention as one function (compiled as one graph on CUDA).
+
+    With `slopes` (H,) and `positions` (B, Tp), a `score_mod` adds the recency bias to every score.
+    """
     from torch.nn.attention.flex_attention import flex_attention
 
     gate_scores, factor, selected, pick_valid = select_and_gate(
@@ -287,7 +313,14 @@ def _flex_sparse(
     block_mask = build_block_mask(
         selected, pick_valid, key_valid, block_size, causal, padded_len, full_blocks, exact_mask
     )
-    out = flex_attention(q, k, v, block_mask=block_mask)  # (B, H, Tp, D)
+    score_mod = None
+    if slopes is not None:
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            distance = (positions[b, q_idx] - positions[b, kv_idx]).clamp_min(0)
+            return score - slopes[h] * distance
+
+    out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)  # (B, H, Tp, D)
     out = out.view(batch, heads, -1, block_size, dim) * factor[..., None, None]  # (B, H, N, bs, D)
     return out.view(batch, heads, padded_len, dim), gate_scores, selected, pick_valid
 
@@ -303,13 +336,16 @@ def flex_sparse_attention(
     causal: bool,
     compiled: bool = False,
     full_blocks: bool = True,
+    slopes=None,
+    positions=None,
 ):
     """Gate, selection and FlexAttention over the selected blocks (the CUDA backend; eager on CPU).
 
     Compiled (CUDA), the whole step is one graph: selection, the `BlockMask` built from the kept block
     lists and the fused kernel, whose `mask_mod` only states causality and padding (it captures no tensor
     made inside the graph, which the fused kernel would not see). Eager (CPU), FlexAttention evaluates
-    the element mask on every position, so the mask also states which blocks were kept.
+    the element mask on every position, so the mask also states which blocks were kept. `slopes` (H,)
+    and `positions` (B, Tp) float add the recency bias through a `score_mod`.
 
     Returns:
         out (B, H, Tp, D) (already scaled by the straight-through factor), gate_scores (B, H, N, N),
@@ -317,7 +353,18 @@ def flex_sparse_attention(
     """
     step = _compiled("flex_sparse", _flex_sparse) if compiled else _flex_sparse
     return step(
-        q, k, v, key_valid, gating_factor, block_size, top_k_blocks, causal, full_blocks, not compiled
+        q,
+        k,
+        v,
+        key_valid,
+        gating_factor,
+        block_size,
+        top_k_blocks,
+        causal,
+        full_blocks,
+        not compiled,
+        slopes,
+        positions,
     )
 
 
@@ -327,7 +374,7 @@ class DynamicAttention(nn.Module):
     Args:
         config: reads hidden_size, num_heads, block_size, top_k_blocks, dense_below(_gpu),
             dense_tail_layers, num_layers, output_gate, causal, attention_backend, position_encoding,
-            rope_theta, dropout.
+            rope_theta, recency_bias, dropout.
         layer_idx: index of the layer; the last `dense_tail_layers` layers always run dense.
     """
 
@@ -356,6 +403,11 @@ class DynamicAttention(nn.Module):
             if config.position_encoding == "rope"
             else None
         )
+        # Learned per-head recency slopes (softplus keeps them >= 0, so attention can only decay with
+        # distance); None without `recency_bias`.
+        self.recency_slope = (
+            nn.Parameter(initial_recency_slopes(self.num_heads)) if config.recency_bias else None
+        )
         self.dropout = config.dropout
 
     # ------------------------------------------------------------------ public API
@@ -372,7 +424,7 @@ class DynamicAttention(nn.Module):
         Args:
             hidden_states: (B, T, hidden) input states.
             attention_mask: (B, T) bool or 0/1, True/1 for real tokens; None means no padding.
-            position_ids: (T,) or (B, T) positions for RoPE; default 0..T-1.
+            position_ids: (T,) or (B, T) positions for RoPE and the recency bias; default 0..T-1.
             output_attentions: also return the (B, H, T, T) attention probabilities in the trace.
             force_dense: True/False overrides the dense-or-sparse decision (benchmarks, tests).
 
@@ -384,9 +436,9 @@ class DynamicAttention(nn.Module):
         k = self.k_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         # q, k, v: (B, H, T, D)
+        if position_ids is None and (self.rotary is not None or self.recency_slope is not None):
+            position_ids = torch.arange(length, device=hidden_states.device)
         if self.rotary is not None:
-            if position_ids is None:
-                position_ids = torch.arange(length, device=hidden_states.device)
             cos, sin = self.rotary(position_ids, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         key_valid = None if attention_mask is None else attention_mask.to(torch.bool)  # (B, T)
@@ -394,11 +446,15 @@ class DynamicAttention(nn.Module):
         if key_valid is not None and not torch.compiler.is_exporting() and bool(key_valid.all()):
             key_valid = None
 
+        positions = None
+        if self.recency_slope is not None:
+            positions = position_ids.to(torch.float32).reshape(-1, length)  # (B|1, T)
+
         use_dense = self.use_dense(length, hidden_states.device) if force_dense is None else force_dense
         if use_dense:
-            out, trace = self._dense(q, k, v, key_valid, output_attentions)
+            out, trace = self._dense(q, k, v, key_valid, output_attentions, positions)
         else:
-            out, trace = self._block_sparse(q, k, v, key_valid, output_attentions)
+            out, trace = self._block_sparse(q, k, v, key_valid, output_attentions, positions)
 
         if self.gate_proj is not None:
             gate = torch.sigmoid(self.gate_proj(hidden_states))  # (B, T, H)
@@ -424,7 +480,10 @@ class DynamicAttention(nn.Module):
         return self.config.attention_backend
 
     # ------------------------------------------------------------------ dense path
-    def _dense(self, q, k, v, key_valid, output_attentions):
+    def _recency_slopes(self) -> torch.Tensor:
+        return F.softplus(self.recency_slope.float())  # (H,)
+
+    def _dense(self, q, k, v, key_valid, output_attentions, positions=None):
         length = q.shape[-2]
         dropout = self.dropout if self.training else 0.0
         mask = None
@@ -434,21 +493,35 @@ class DynamicAttention(nn.Module):
                 mask = mask & torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
             # A padded query whose keys are all padding still attends to itself: no NaN rows.
             mask = mask | torch.eye(length, dtype=torch.bool, device=q.device)
+        bias = None
+        if positions is not None:  # recency bias (causal only): a float mask carrying -inf outside `mask`
+            if mask is None:
+                mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+            distance = positions[:, None, :, None] - positions[:, None, None, :]  # (B|1, 1, T, T)
+            bias = recency_logits(self._recency_slopes(), distance).masked_fill(~mask, float("-inf"))
+            bias = bias.to(q.dtype)  # (B|1, H, T, T)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=self.causal and mask is None
+            q,
+            k,
+            v,
+            attn_mask=mask if bias is None else bias,
+            dropout_p=dropout,
+            is_causal=self.causal and mask is None,
         )  # (B, H, T, D)
         weights = None
         if output_attentions:
             if mask is None and self.causal:
                 mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
             logits = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # (B, H, T, T)
-            if mask is not None:
+            if bias is not None:
+                logits = logits + bias
+            elif mask is not None:
                 logits = logits.masked_fill(~mask, float("-inf"))
             weights = torch.softmax(logits.float(), dim=-1).to(q.dtype)
         return out, AttentionTrace(is_dense=True, attention_weights=weights)
 
     # ------------------------------------------------------------------ block-sparse path
-    def _block_sparse(self, q, k, v, key_valid, output_attentions):
+    def _block_sparse(self, q, k, v, key_valid, output_attentions, positions=None):
         batch, heads, length, dim = q.shape
         bs = self.block_size
         n_blocks = math.ceil(length / bs)
@@ -459,6 +532,11 @@ class DynamicAttention(nn.Module):
             if key_valid is None:
                 key_valid = torch.ones(batch, length, dtype=torch.bool, device=q.device)
             key_valid = F.pad(key_valid, (0, pad), value=False)  # (B, Tp)
+            if positions is not None:  # padded keys are masked; their position is irrelevant
+                positions = F.pad(positions, (0, pad))  # (B|1, Tp)
+        if positions is not None:
+            positions = positions.expand(batch, -1).contiguous()  # (B, Tp)
+        slopes = self._recency_slopes() if positions is not None else None
 
         weights = None
         if self.backend(q.device) == "flex":
@@ -472,15 +550,21 @@ class DynamicAttention(nn.Module):
                 self.top_k_blocks,
                 self.causal,
                 q.device.type == "cuda",
+                slopes=slopes,
+                positions=positions,
             )
             if output_attentions:
-                weights = self._gathered(q, k, v, key_valid, selected, pick_valid, want_weights=True)[1]
+                weights = self._gathered(
+                    q, k, v, key_valid, selected, pick_valid, want_weights=True, positions=positions
+                )[1]
         else:
             gate_scores, allowed, selected, pick_valid = select_blocks(
                 q, k, key_valid, self.gating_factor, bs, self.top_k_blocks, self.causal
             )
             factor = straight_through(gate_scores, allowed, selected, pick_valid)  # (B, H, N)
-            out, weights = self._gathered(q, k, v, key_valid, selected, pick_valid, output_attentions)
+            out, weights = self._gathered(
+                q, k, v, key_valid, selected, pick_valid, output_attentions, positions=positions
+            )
             out = (out.view(batch, heads, n_blocks, bs, dim) * factor[..., None, None]).view(
                 batch, heads, padded_len, dim
             )  # (B, H, Tp, D)
@@ -513,8 +597,11 @@ class DynamicAttention(nn.Module):
         own |= torch.eye(bs, dtype=torch.bool, device=mask.device)
         return mask
 
-    def _gathered(self, q, k, v, key_valid, selected, pick_valid, want_weights):
-        """Gather the kept K/V blocks and run one fused SDPA call over all query blocks."""
+    def _gathered(self, q, k, v, key_valid, selected, pick_valid, want_weights, positions=None):
+        """Gather the kept K/V blocks and run one fused SDPA call over all query blocks.
+
+        `positions` (B, Tp) float adds the recency bias (the mask becomes a float mask).
+        """
         batch, heads, padded_len, dim = q.shape
         bs = self.block_size
         n_blocks = padded_len // bs
@@ -530,19 +617,100 @@ class DynamicAttention(nn.Module):
         mask = self._gathered_mask(key_valid, selected, pick_valid, n_slots)
         if mask is not None:
             mask = mask.view(batch * heads, n_blocks, bs, n_slots * bs)  # (B*H, N, bs, S*bs)
+        key_pos = selected[..., None] * bs + torch.arange(bs, device=q.device)  # (B, H, N, S, bs)
+        bias = None
+        if positions is not None:  # causal only, so `mask` is set
+            key_positions = (
+                positions[:, None, :].expand(-1, heads, -1).gather(-1, key_pos.reshape(batch, heads, -1))
+            )  # (B, H, N*S*bs)
+            distance = positions.view(batch, 1, n_blocks, bs, 1) - key_positions.view(
+                batch, heads, n_blocks, 1, n_slots * bs
+            )  # (B, H, N, bs, S*bs)
+            bias = recency_logits(self._recency_slopes(), distance).view(
+                batch * heads, n_blocks, bs, n_slots * bs
+            )
+            bias = bias.masked_fill(~mask, float("-inf")).to(q.dtype)  # (B*H, N, bs, S*bs)
         dropout = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q_blk, k_sel, v_sel, attn_mask=mask, dropout_p=dropout)
+        out = F.scaled_dot_product_attention(
+            q_blk, k_sel, v_sel, attn_mask=mask if bias is None else bias, dropout_p=dropout
+        )
         out = out.reshape(batch, heads, padded_len, dim)  # (B, H, Tp, D); SDPA may return it strided
         weights = None
         if want_weights:
             logits = (q_blk @ k_sel.transpose(-1, -2)) / math.sqrt(dim)  # (B*H, N, bs, S*bs)
-            if mask is not None:
+            if bias is not None:
+                logits = logits + bias
+            elif mask is not None:
                 logits = logits.masked_fill(~mask, float("-inf"))
             probs = torch.softmax(logits.float(), dim=-1).to(q.dtype)
-            key_pos = selected[..., None] * bs + torch.arange(bs, device=q.device)  # (B, H, N, S, bs)
             key_pos = key_pos.view(batch * heads, n_blocks, 1, n_slots * bs).expand(-1, -1, bs, -1)
             dense = torch.zeros(batch * heads, n_blocks, bs, padded_len, dtype=q.dtype, device=q.device)
             # scatter_add: an invalid slot repeats the own block with zero weight, adding nothing.
             dense.scatter_add_(-1, key_pos, probs)
             weights = dense.view(batch, heads, padded_len, padded_len)
         return out, weights
+
+
+class ItemRetrieval(nn.Module):
+    """Question-aware read-out of a causal history for the next-step head (AKT's knowledge retriever).
+
+    The item to be answered at step t is the query; the final states of steps 0..t are keys and values;
+    each head's logits carry a learned recency decay `-slope_h * (t - s)`, so a head can focus on the
+    recent answers that resemble the item asked. Scoring a new item only needs the states already
+    computed, so every item can be scored after a history in one pass.
+
+    Args:
+        config: reads hidden_size, num_heads, next_step_vocab, dropout.
+    """
+
+    def __init__(self, config: CoreConfig) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.query = nn.Embedding(config.next_step_vocab, hidden, padding_idx=0)
+        self.q_proj = nn.Linear(hidden, hidden, bias=False)
+        self.k_proj = nn.Linear(hidden, hidden, bias=False)
+        self.v_proj = nn.Linear(hidden, hidden, bias=False)
+        self.o_proj = nn.Linear(hidden, hidden, bias=False)
+        self.recency_slope = nn.Parameter(initial_recency_slopes(self.num_heads))
+        self.dropout = config.dropout
+
+    def forward(
+        self,
+        item_ids: torch.Tensor,
+        query_positions: torch.Tensor,
+        states: torch.Tensor,
+        key_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Summaries of the history for each queried item.
+
+        Args:
+            item_ids: (B, Q) items to predict.
+            query_positions: (B, Q) long, the step whose prediction each query serves: it reads the states
+                of steps 0..position.
+            states: (B, T, hidden) final states of the steps.
+            key_valid: (B, T) bool, True for real steps; None means no padding.
+
+        Returns:
+            (B, Q, hidden).
+        """
+        batch, n_queries = item_ids.shape
+        length = states.shape[1]
+        q = self.q_proj(self.query(item_ids)).view(batch, n_queries, self.num_heads, self.head_dim)
+        q = q.transpose(1, 2)  # (B, H, Q, D)
+        k = self.k_proj(states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        steps = torch.arange(length, device=states.device)
+        distance = (query_positions[:, None, :, None] - steps).to(torch.float32)  # (B, 1, Q, T)
+        allowed = distance >= 0
+        if key_valid is not None:
+            allowed = allowed & key_valid.to(torch.bool)[:, None, None, :]
+        # A query always sees its own step (a padded query has no other key): no empty softmax row.
+        allowed = allowed | (distance == 0)
+        bias = recency_logits(F.softplus(self.recency_slope.float()), distance)  # (B, H, Q, T)
+        bias = bias.masked_fill(~allowed, float("-inf")).to(q.dtype)
+        dropout = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)  # (B, H, Q, D)
+        out = out.transpose(1, 2).reshape(batch, n_queries, self.num_heads * self.head_dim)  # (B, Q, H*D)
+        return self.o_proj(out)

@@ -213,6 +213,10 @@ def _pruned_state(model: CoreModel, plan: PrunePlan) -> dict[str, torch.Tensor]:
                 key = f"{att}.gate_proj.{name}"
                 if key in state:
                     out[key] = state[key].index_select(0, torch.as_tensor(heads))
+            if f"{att}.recency_slope" in state:  # `CoreConfig.recency_bias`: one slope per head
+                out[f"{att}.recency_slope"] = state[f"{att}.recency_slope"].index_select(
+                    0, torch.as_tensor(heads)
+                )
         ffn_prefix = f"{prefix}.ffn"
         if isinstance(layer.ffn, DomainMoE):
             _moe_state(

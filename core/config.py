@@ -34,6 +34,10 @@ class CoreConfig(PretrainedConfig):
         layer_norm_eps: epsilon of the RMS norms.
         position_encoding: "rope" (rotary on queries/keys over the flattened token order) or "none".
         rope_theta: rotary base.
+        recency_bias: add a learned per-head recency bias to the attention logits, `-slope_h * (i - j)` for
+            query position i and key position j (ALiBi with learned slopes, kept >= 0 by a softplus), so
+            each head's attention decays with distance at its own rate, like AKT's monotonic attention.
+            Causal attention only; the dense, gather and FlexAttention paths all apply it. Off by default.
         block_size: tokens per key/query block of the dynamic attention.
         top_k_blocks: key blocks each query block keeps besides its own block.
         dense_below: sequences shorter than this use exact dense attention.
@@ -59,13 +63,18 @@ class CoreConfig(PretrainedConfig):
         num_modalities: modality embeddings (e.g. record fields, CT patches).
         volume_patch_size: (depth, height, width) voxels per CT patch token.
         volume_channels: channels of the CT input (window presets stacked as channels).
-        volume_stem_channels: 0: each patch is one linear projection (ViT). > 0: a convolutional stem of
-            this many channels (two 3x3x3 convolutions with GELU) runs at full resolution first, and each
-            patch token is projected from the mean and the max of the stem features inside the patch, so
-            a lesion a few voxels wide anywhere in the patch shows in its token.
+        volume_stem_channels: 0: each patch is one linear projection (ViT). > 0: the width w of a small
+            3-D CNN (`core.embeddings.ConvStem`: three stages of two 3x3x3 convolutions, widths w, 2w,
+            4w, max-pooled down to the patch grid) whose features per patch are projected to the tokens,
+            so a lesion a few voxels wide anywhere in the patch shows in its token.
         num_labels: classes of the classification head (0: no head).
-        classifier_pooling: "mean", "max", "last" or "first" token pooling for classification.
+        classifier_pooling: "mean", "max", "last" or "first" token pooling for classification, or
+            "modality_mean": the mean of the CT tokens' mean and the field tokens' mean.
         next_step_vocab: items the next-step head can score (0: no head).
+        next_step_retrieval: the next-step head also reads a question-aware summary of the history: the
+            item to predict attends (multi-head, with a learned per-head recency decay as in AKT's knowledge
+            retriever) over the final states of the steps up to the current one, and the head scores
+            [state, item, retrieved]. Causal models only. Off by default.
         prototype_dim: size of the prototype (few-shot) embedding (0: no head).
         classification_loss: "ce" (cross-entropy) or "focal" for the classification heads.
         focal_gamma: focusing parameter of the focal loss.
@@ -101,6 +110,7 @@ class CoreConfig(PretrainedConfig):
         layer_norm_eps: float = 1e-5,
         position_encoding: str = "rope",
         rope_theta: float = 10000.0,
+        recency_bias: bool = False,
         block_size: int = 128,
         top_k_blocks: int = 1,
         dense_below: int = 512,
@@ -129,6 +139,7 @@ class CoreConfig(PretrainedConfig):
         num_labels: int = 0,
         classifier_pooling: str = "mean",
         next_step_vocab: int = 0,
+        next_step_retrieval: bool = False,
         prototype_dim: int = 0,
         classification_loss: str = "ce",
         focal_gamma: float = 2.0,
@@ -152,6 +163,7 @@ class CoreConfig(PretrainedConfig):
         self.layer_norm_eps = layer_norm_eps
         self.position_encoding = position_encoding
         self.rope_theta = rope_theta
+        self.recency_bias = recency_bias
         self.block_size = block_size
         self.top_k_blocks = top_k_blocks
         self.dense_below = dense_below
@@ -179,6 +191,7 @@ class CoreConfig(PretrainedConfig):
         self.volume_stem_channels = volume_stem_channels
         self.classifier_pooling = classifier_pooling
         self.next_step_vocab = next_step_vocab
+        self.next_step_retrieval = next_step_retrieval
         self.prototype_dim = prototype_dim
         self.classification_loss = classification_loss
         self.focal_gamma = focal_gamma
@@ -299,6 +312,12 @@ class CoreConfig(PretrainedConfig):
             self.position_encoding,
         )
         _expect(
+            isinstance(self.recency_bias, bool) and (self.causal or not self.recency_bias),
+            "recency_bias",
+            "a bool, True only with causal=True (the bias decays with how far a key lies in the past)",
+            self.recency_bias,
+        )
+        _expect(
             isinstance(self.top_k_blocks, int) and self.top_k_blocks >= 0,
             "top_k_blocks",
             "an integer >= 0",
@@ -363,12 +382,18 @@ class CoreConfig(PretrainedConfig):
         )
         _expect(self.num_labels >= 0, "num_labels", "an integer >= 0", self.num_labels)
         _expect(
-            self.classifier_pooling in ("mean", "max", "last", "first"),
+            self.classifier_pooling in ("mean", "max", "last", "first", "modality_mean"),
             "classifier_pooling",
-            "one of ('mean', 'max', 'last', 'first')",
+            "one of ('mean', 'max', 'last', 'first', 'modality_mean')",
             self.classifier_pooling,
         )
         _expect(self.next_step_vocab >= 0, "next_step_vocab", "an integer >= 0", self.next_step_vocab)
+        _expect(
+            isinstance(self.next_step_retrieval, bool) and (self.causal or not self.next_step_retrieval),
+            "next_step_retrieval",
+            "a bool, True only with causal=True (a step may only read the states before it)",
+            self.next_step_retrieval,
+        )
         _expect(self.prototype_dim >= 0, "prototype_dim", "an integer >= 0", self.prototype_dim)
         _expect(
             self.classification_loss in ("ce", "focal"),

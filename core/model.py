@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from core.attention import AttentionTrace, DynamicAttention
+from core.attention import AttentionTrace, DynamicAttention, ItemRetrieval
 from core.config import CoreConfig
 from core.embeddings import PAD_INDEX, FieldEmbedder, PeriodicEncoding, VolumeEmbedder
 from core.errors import InputValidationError
@@ -67,19 +67,45 @@ class EncoderLayer(GradientCheckpointingLayer):
 
 
 class NextStepHead(nn.Module):
-    """Scores the next item from the state after each step: logit = MLP([h_t, e(item_{t+1})])."""
+    """Scores the next item from the state after each step: logit = MLP([h_t, e(item_{t+1})]).
+
+    With `config.next_step_retrieval`, logit = MLP([h_t, e(item_{t+1}), r_t]) where r_t is what the item
+    retrieves from the states of steps 0..t (`ItemRetrieval`).
+    """
 
     def __init__(self, config: CoreConfig) -> None:
         super().__init__()
         self.item = nn.Embedding(config.next_step_vocab, config.hidden_size, padding_idx=PAD_INDEX)
+        self.retrieval = ItemRetrieval(config) if config.next_step_retrieval else None
+        n_inputs = 3 if self.retrieval is not None else 2
         self.mlp = nn.Sequential(
-            nn.Linear(2 * config.hidden_size, config.hidden_size), nn.GELU(), nn.Linear(config.hidden_size, 1)
+            nn.Linear(n_inputs * config.hidden_size, config.hidden_size),
+            nn.GELU(),
+            nn.Linear(config.hidden_size, 1),
         )
 
-    def forward(self, hidden_states: torch.Tensor, next_item_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T, hidden) states and (B, T) next item ids -> (B, T) logits of P(correct next)."""
-        features = torch.cat([hidden_states, self.item(next_item_ids)], dim=-1)  # (B, T, 2*hidden)
-        return self.mlp(features).squeeze(-1)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        next_item_ids: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
+        query_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, T, hidden) states and (B, T) next item ids -> (B, T) logits of P(correct next).
+
+        The retrieval (when configured) reads `memory` (B, T_m, hidden) with `memory_mask` (B, T_m) up to
+        `query_positions` (B, T); by default the states themselves, query t reading steps 0..t. Without
+        retrieval these three are ignored.
+        """
+        features = [hidden_states, self.item(next_item_ids)]
+        if self.retrieval is not None:
+            if memory is None:
+                memory = hidden_states
+                steps = torch.arange(hidden_states.shape[1], device=hidden_states.device)
+                query_positions = steps.expand(hidden_states.shape[0], -1)  # (B, T)
+            features.append(self.retrieval(next_item_ids, query_positions, memory, memory_mask))
+        return self.mlp(torch.cat(features, dim=-1)).squeeze(-1)  # (B, T, n_inputs*hidden) -> (B, T)
 
 
 class MaskedFieldHead(nn.Module):
@@ -267,18 +293,22 @@ class CoreModel(PreTrainedModel):
         out: dict[str, torch.Tensor | None] = {}
         losses: list[torch.Tensor] = []
         if self.classifier is not None:
-            out["logits"] = self.classifier(self.pool(hidden_states, full_mask))
+            out["logits"] = self.classifier(self.pool(hidden_states, full_mask, n_volume))
             if labels is not None:
                 losses.append(classification_loss(out["logits"], labels, self.config))
             if token_labels is not None:
                 out["token_logits"] = self.classifier(field_states)
                 losses.append(classification_loss(out["token_logits"], token_labels, self.config))
         if self.next_step is not None and next_item_ids is not None:
-            out["next_step_logits"] = self.next_step(field_states, next_item_ids)
+            out["next_step_logits"] = self.next_step(
+                field_states, next_item_ids, memory_mask=full_mask[:, n_volume:]
+            )
             if next_labels is not None:
                 losses.append(next_step_loss(out["next_step_logits"], next_labels))
         if self.prototype is not None:
-            out["embeddings"] = F.normalize(self.prototype(self.pool(hidden_states, full_mask)), dim=-1)
+            out["embeddings"] = F.normalize(
+                self.prototype(self.pool(hidden_states, full_mask, n_volume)), dim=-1
+            )
         mfm_loss = None
         if mfm_mask is not None:
             if self.masked_field is None:
@@ -364,11 +394,27 @@ class CoreModel(PreTrainedModel):
             raise InputValidationError("the batch has neither field tokens nor a CT volume")
         return torch.cat(parts, dim=1), torch.cat(masks, dim=1), torch.cat(domains, dim=1), n_volume
 
-    def pool(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, hidden) -> (B, hidden) by the configured pooling over real tokens."""
+    def pool(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, n_volume: int = 0
+    ) -> torch.Tensor:
+        """(B, T, hidden) -> (B, hidden) by the configured pooling over real tokens.
+
+        `n_volume`: how many leading tokens are CT patch tokens ("modality_mean" averages them apart).
+        """
         mask = attention_mask.to(hidden_states.dtype)  # (B, T)
         if self.config.classifier_pooling == "mean":
             return (hidden_states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
+        if self.config.classifier_pooling == "modality_mean":
+            # The mean of the CT tokens' mean and the field tokens' mean (of those present): hundreds of CT
+            # tokens do not drown a record's twenty.
+            means, present = [], []
+            for part in (slice(0, n_volume), slice(n_volume, None)):
+                states, weights = hidden_states[:, part], mask[:, part]
+                count = weights.sum(1, keepdim=True)  # (B, 1)
+                means.append((states * weights[..., None]).sum(1) / count.clamp_min(1.0))
+                present.append((count > 0).to(hidden_states.dtype))
+            total = (present[0] + present[1]).clamp_min(1.0)
+            return (means[0] * present[0] + means[1] * present[1]) / total
         if self.config.classifier_pooling == "max":  # a finding in a few tokens is not averaged away
             return hidden_states.masked_fill(~attention_mask.bool()[..., None], float("-inf")).amax(dim=1)
         positions = torch.arange(hidden_states.shape[1], device=hidden_states.device)

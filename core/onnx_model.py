@@ -328,7 +328,16 @@ def export_onnx(
 
     Returns:
         The metadata written to `onnx.json` (input names, ranks, dtypes, axes, outputs, head files).
+
+    Raises:
+        ConfigError: the next-step head reads the history (`next_step_retrieval`), which the per-token
+            `next_step.onnx` graph cannot express.
     """
+    if getattr(model.config, "next_step_retrieval", False):
+        raise ConfigError(
+            "export_onnx: a model with next_step_retrieval=True cannot be exported (its next-step head reads "
+            "the whole history); compress it without ONNX export or train it without retrieval."
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.float().eval()

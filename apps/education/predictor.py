@@ -78,7 +78,8 @@ class KnowledgeTracer:
     """Causal attention knowledge tracing over the shared core model.
 
     Args:
-        preset: Architecture and training preset of `apps.education.config` (`"small"`, `"bench"`).
+        preset: Architecture and training preset of `apps.education.config` (`"small"`, `"retrieval"`,
+            `"bench"`).
         maxlen: Answers per training window (pyKT: 200).
         pretrain_epochs: Epochs of masked-field pretraining (0 skips stage 1); None uses the preset's.
         task_epochs: Epochs of next-step fine-tuning; None uses the preset's.
@@ -548,6 +549,10 @@ class KnowledgeTracer:
             logits = self.model_.next_step(
                 hidden[:, None, :].expand(-1, len(item_ids), -1),  # (B, n_items, hidden)
                 item_ids[None, :].expand(len(chunk), -1),  # (B, n_items)
+                # A retrieval head (`next_step_retrieval`) lets every item read the whole window.
+                memory=output.hidden_states,
+                memory_mask=batch.attention_mask,
+                query_positions=ends[:, None].expand(-1, len(item_ids)),  # (B, n_items)
             )  # (B, n_items)
             probs.append(torch.sigmoid(logits.float())[:, 2:].cpu().numpy())
             if with_attention:
@@ -593,9 +598,14 @@ class KnowledgeTracer:
             "time_delta": np.zeros(1, dtype=np.float32),
         }
         batch = collate([example]).to(self.device)
-        hidden = self.model_(**batch.to_dict()).hidden_states[:, 0]  # (1, hidden)
+        states = self.model_(**batch.to_dict()).hidden_states  # (1, 1, hidden)
         item_ids = torch.arange(len(self.item_vocab_), device=self.device)
-        logits = self.model_.next_step(hidden[:, None, :].expand(-1, len(item_ids), -1), item_ids[None])
+        logits = self.model_.next_step(
+            states[:, 0, None, :].expand(-1, len(item_ids), -1),  # (1, n_items, hidden)
+            item_ids[None],
+            memory=states,
+            query_positions=torch.zeros(1, len(item_ids), dtype=torch.long, device=self.device),
+        )
         probs = torch.sigmoid(logits.float())[0, 2:].cpu().numpy()
         return pd.Series(probs, index=pd.Index(self.item_vocab_.tokens, name="item_id"))
 

@@ -233,3 +233,13 @@ def test_model_with_ct_stem_trains_and_round_trips(tmp_path) -> None:
     loaded = CoreModel.from_pretrained(tmp_path).eval()
     batch = make_batch()
     torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
+
+
+def test_modality_mean_pooling_weighs_the_ct_and_the_fields_alike() -> None:
+    model = CoreModel(model_config(classifier_pooling="modality_mean"))
+    hidden = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [5.0, 0.0], [0.0, 4.0], [9.0, 9.0]]])  # 3 CT tokens first
+    mask = torch.tensor([[True, True, True, True, False]])
+    # CT mean (3, 0) and field mean (0, 4) count alike, whatever the token counts; padding ignored.
+    torch.testing.assert_close(model.pool(hidden, mask, n_volume=3), torch.tensor([[1.5, 2.0]]))
+    no_ct = torch.tensor([[False, False, False, True, False]])  # a case without CT: the fields alone
+    torch.testing.assert_close(model.pool(hidden, no_ct, n_volume=3), torch.tensor([[0.0, 4.0]]))
