@@ -192,3 +192,21 @@ def test_cli_import_and_help_stay_light() -> None:
     )
     assert completed.returncode == 0, completed.stderr
     assert "Usage" in completed.stdout and "verticals" in completed.stdout
+
+
+@pytest.mark.slow  # the session's shared demo run
+def test_demo_diagnoser_tells_the_queued_cases_apart(demo_home) -> None:
+    """The demo's review queue must not show one diagnosis with the same probabilities for every case (a
+    model stuck at its class prior, as the plain-mean pooling over 512 CT tokens left it)."""
+    from apps.medical import repository
+    from core.db import make_engine, make_session_factory
+
+    with make_session_factory(make_engine(demo_home.db_url))() as session:
+        cases = repository.list_cases(session)
+    assert len(cases) >= 6
+    assert len({case.prediction for case in cases}) >= 2, [case.prediction for case in cases]
+    spread = max(
+        max(c.probabilities[label] for c in cases) - min(c.probabilities[label] for c in cases)
+        for label in cases[0].probabilities
+    )
+    assert spread > 0.1, [case.probabilities for case in cases]
