@@ -550,9 +550,11 @@ class KnowledgeTracer:
                 hidden[:, None, :].expand(-1, len(item_ids), -1),  # (B, n_items, hidden)
                 item_ids[None, :].expand(len(chunk), -1),  # (B, n_items)
                 # A retrieval head (`next_step_retrieval`) lets every item read the whole window.
-                memory=output.hidden_states,
-                memory_mask=batch.attention_mask,
-                query_positions=ends[:, None].expand(-1, len(item_ids)),  # (B, n_items)
+                **self._retrieval_inputs(
+                    output.hidden_states,
+                    ends[:, None].expand(-1, len(item_ids)),  # (B, n_items)
+                    batch.attention_mask,
+                ),
             )  # (B, n_items)
             probs.append(torch.sigmoid(logits.float())[:, 2:].cpu().numpy())
             if with_attention:
@@ -587,6 +589,15 @@ class KnowledgeTracer:
             results.append((history, pd.Series(probs[w], index=items), attention))
         return results
 
+    def _retrieval_inputs(
+        self, memory: torch.Tensor, query_positions: torch.Tensor, memory_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor | None]:
+        """The history a retrieval next-step head reads (`next_step_retrieval`); nothing for other heads
+        (the exported ONNX head takes states and items only)."""
+        if not getattr(self.model_.config, "next_step_retrieval", False):
+            return {}
+        return {"memory": memory, "memory_mask": memory_mask, "query_positions": query_positions}
+
     @torch.no_grad()
     def _cold_item_p(self) -> pd.Series:
         """Item P(correct) for a student with no answers (from the start token alone)."""
@@ -603,8 +614,9 @@ class KnowledgeTracer:
         logits = self.model_.next_step(
             states[:, 0, None, :].expand(-1, len(item_ids), -1),  # (1, n_items, hidden)
             item_ids[None],
-            memory=states,
-            query_positions=torch.zeros(1, len(item_ids), dtype=torch.long, device=self.device),
+            **self._retrieval_inputs(
+                states, torch.zeros(1, len(item_ids), dtype=torch.long, device=self.device)
+            ),
         )
         probs = torch.sigmoid(logits.float())[0, 2:].cpu().numpy()
         return pd.Series(probs, index=pd.Index(self.item_vocab_.tokens, name="item_id"))
