@@ -13,28 +13,13 @@ from core.model import CoreModel
 from core.moe import DomainMoE
 from core.multitask import MultiTaskModel, trunk_parameters
 from core.train import TaskCollator
+from tests.core.test_multitask import _config as multitask_config
 
-DOMAINS = ("a", "b")
-GROUPS = {"a": [0, 1], "b": [2, 3]}  # general: 4, 5
+GROUPS = {"a": [0, 1], "b": [2, 3]}  # general: 4, 5 (as in tests/core/test_multitask.py)
 
 
 def _config(**changes) -> CoreConfig:
-    values = dict(
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        ffn_size=16,
-        n_routed_experts=6,
-        moe_top_k=2,
-        domains=DOMAINS,
-        domain_expert_groups=GROUPS,
-        dense_below=64,
-        categorical_fields={"x": 10},
-        num_labels=2,
-        bias_update_rate=0.1,
-    )
-    values.update(changes)
-    return CoreConfig(**values)
+    return multitask_config(**{"bias_update_rate": 0.1, **changes})
 
 
 def _batch(domain: int, seed: int, n: int = 6, length: int = 8) -> dict:
