@@ -53,6 +53,16 @@ class TrainingPreset:
     maxlen: int
 
 
+_WIDE = dict(
+    hidden_size=128,
+    num_layers=2,
+    num_heads=8,
+    ffn_size=128,
+    n_routed_experts=4,
+    n_shared_experts=1,
+    moe_top_k=2,
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # A model that trains in about a minute on 2 CPU cores (demo, tests).
     "small": dict(
@@ -69,29 +79,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # every attention layer (`recency_bias`) and a next-step head in which the item to predict attends over
     # the history (`next_step_retrieval`). Chosen on the validation folds of ASSISTments 2015 and 2009
     # (bench/education_bench.py; bench/results/education_kt_ablation.md).
-    "retrieval": dict(
-        hidden_size=128,
-        num_layers=2,
-        num_heads=8,
-        ffn_size=128,
-        n_routed_experts=4,
-        n_shared_experts=1,
-        moe_top_k=2,
-        dropout=0.1,
-        recency_bias=True,
-        next_step_retrieval=True,
-    ),
+    "retrieval": dict(_WIDE, dropout=0.1, recency_bias=True, next_step_retrieval=True),
     # The benchmark model (ASSISTments).
-    "bench": dict(
-        hidden_size=128,
-        num_layers=2,
-        num_heads=8,
-        ffn_size=128,
-        n_routed_experts=4,
-        n_shared_experts=1,
-        moe_top_k=2,
-        dropout=0.2,
-    ),
+    "bench": dict(_WIDE, dropout=0.2),
 }
 
 TRAINING: dict[str, TrainingPreset] = {

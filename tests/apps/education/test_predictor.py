@@ -35,8 +35,12 @@ def test_examples_shift_targets_by_one_token(trained_world):
 
 
 def test_next_step_prediction_never_sees_its_own_response(trained_world):
-    tracer = trained_world.tracer
     student = trained_world.test[trained_world.test["user_id"] == trained_world.test["user_id"].iloc[0]]
+    assert_prediction_never_sees_its_own_response(trained_world.tracer, student)
+
+
+def assert_prediction_never_sees_its_own_response(tracer, student) -> None:
+    """Flipping answer t leaves the predictions up to t unchanged and moves the later ones."""
     base = tracer.predict_proba(student)
     t = 20
     flipped = student.copy()

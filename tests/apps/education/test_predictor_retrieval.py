@@ -7,6 +7,7 @@ import pytest
 
 from apps.education.predictor import KnowledgeTracer
 from core.errors import ConfigError
+from tests.apps.education.test_predictor import assert_prediction_never_sees_its_own_response
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +40,7 @@ def test_options_reach_the_model(retrieval_tracer):
 
 
 def test_a_prediction_never_sees_its_own_response(retrieval_tracer, trained_world):
-    student = first_student(trained_world.test)
-    base = retrieval_tracer.predict_proba(student)
-    t = 20
-    flipped = student.copy()
-    flipped.iloc[t, flipped.columns.get_loc("correct")] = 1 - flipped["correct"].iloc[t]
-    changed = retrieval_tracer.predict_proba(flipped)
-    np.testing.assert_allclose(changed["p_correct"][: t + 1], base["p_correct"][: t + 1], atol=1e-6)
-    assert not np.allclose(changed["p_correct"][t + 1 :], base["p_correct"][t + 1 :], atol=1e-6)
+    assert_prediction_never_sees_its_own_response(retrieval_tracer, first_student(trained_world.test))
 
 
 def test_read_out_after_a_history_matches_the_prediction_of_the_next_answer(retrieval_tracer, trained_world):
