@@ -243,9 +243,11 @@ def _anatomy(grid: _Grid, rng: np.random.Generator) -> tuple[np.ndarray, np.ndar
         (np.array([0.0, 0.78 * half_depth, 0.0]), (18.0, 18.0), 1.5, 450.0),  # vertebral body
         (np.array([0.0, 0.78 * half_depth + 22.0, 0.0]), (7.0, 7.0), 1.0, 15.0),  # spinal canal
     )
+    solid = np.zeros(grid.shape, dtype=np.float32)  # where the organs and ribs take the place of lung
     for center, (ry, rx), edge, value in organs:
         box, weight = _ball(grid, center, np.array([long_axis, ry, rx]), edge)
         _paint(hu, box, weight, value)
+        solid[box] = np.maximum(solid[box], weight)
     # Ribs: bone dots on a ring under the chest wall, on the slices a rib crosses (~25 mm period).
     crossing = (((grid.z + rng.uniform(0, 25)) % 25.0) < 11.0).astype(np.float32)[:, None, None]
     for angle in np.linspace(0.15 * np.pi, 0.85 * np.pi, 6):
@@ -260,6 +262,9 @@ def _anatomy(grid: _Grid, rng: np.random.Generator) -> tuple[np.ndarray, np.ndar
                 )
                 box, weight = _ball(grid, center, np.array([long_axis, 5.0, 5.0]), 1.0)
                 _paint(hu, box, weight * crossing[box[0]], 700.0)
+                solid[box] = np.maximum(solid[box], weight * crossing[box[0]])
+    # The heart and the aorta overlap the lung ellipses: lesions go only where lung is left to see them in.
+    lung_mask &= solid < 0.5
 
     hu += rng.normal(0.0, 12.0, grid.shape).astype(np.float32)  # quantum noise
     radius = FIELD_OF_VIEW_MM / 2

@@ -182,3 +182,14 @@ def test_make_case_draws_the_findings_that_sample_findings_draws():
             findings.presentation,
         )
         assert case.record == findings.record
+
+
+def test_the_lesion_sites_are_lung_the_heart_and_aorta_do_not_cover() -> None:
+    # Lesions are placed inside the phantom's lung mask; before the organs were taken out of it, a fifth
+    # of that mask was heart or aorta, where a solid nodule (~35 HU) is invisible.
+    from apps.medical.synthetic import _anatomy, _grid
+
+    for seed in range(3):
+        hu, lung_mask, _ = _anatomy(_grid((32, 96, 96)), np.random.default_rng(seed))
+        assert lung_mask.any()
+        assert (hu[lung_mask] > -300).mean() < 0.02  # only the vessels are solid inside the lungs
