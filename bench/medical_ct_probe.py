@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -36,16 +37,16 @@ from apps.medical.synthetic import PATTERNS, make_case  # noqa: E402
 SEED = 7
 
 
-def _case(index: int) -> tuple[np.ndarray, int]:
+def _case(index: int, windows: tuple[str, ...]) -> tuple[np.ndarray, int]:
     torch.set_num_threads(1)
     grid = grid_for("small")
     case = make_case(index, SEED)
     hu = torch.as_tensor(case.hu)[None, None]
     resampled = F.interpolate(hu, size=grid.shape, mode="trilinear", align_corners=True)[0, 0].numpy()
-    return stack_windows(resampled, grid.windows).astype(np.float16), PATTERNS.index(case.pattern)
+    return stack_windows(resampled, windows).astype(np.float16), PATTERNS.index(case.pattern)
 
 
-def _cnn(width: int) -> nn.Sequential:
+def _cnn(width: int, channels: int) -> nn.Sequential:
     def stage(cin: int, cout: int) -> list[nn.Module]:
         return [
             nn.Conv3d(cin, cout, 3, padding=1),
@@ -57,7 +58,7 @@ def _cnn(width: int) -> nn.Sequential:
         ]
 
     return nn.Sequential(
-        *stage(3, width),
+        *stage(channels, width),
         nn.MaxPool3d((1, 2, 2)),
         *stage(width, 2 * width),
         nn.MaxPool3d(2),
@@ -87,7 +88,7 @@ def probe(volumes: torch.Tensor, patterns: torch.Tensor, n_train: int, n_test: i
     device = args.device
     train_x, train_y = volumes[:n_train].to(device), patterns[:n_train].to(device)
     test_x, test_y = volumes[-n_test:].to(device), patterns[-n_test:].numpy()
-    model = _cnn(args.width).to(device)
+    model = _cnn(args.width, train_x.shape[1]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     steps = args.epochs * ((n_train + args.batch_size - 1) // args.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=steps)
@@ -117,7 +118,7 @@ def probe(volumes: torch.Tensor, patterns: torch.Tensor, n_train: int, n_test: i
             history.append(
                 {
                     "epoch": epoch + 1,
-                    "train_loss": float(loss),
+                    "train_loss": loss.item(),
                     "macro_auroc": float(np.mean(list(per_pattern.values()))),
                     "lesion_vs_none_auroc": float(roc_auc_score(test_y != 0, 1.0 - scores[:, 0])),
                     "per_pattern": per_pattern,
@@ -137,6 +138,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--jobs", type=int, default=8)
+    parser.add_argument(
+        "--windows",
+        default=",".join(grid_for("small").windows),
+        help="input channels: window presets and derived channels (default: the small grid's)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
@@ -145,7 +151,8 @@ def main() -> None:
         parser.error(f"--cases {args.cases} is fewer than the largest size {max(sizes)} + --test {args.test}")
     start = time.perf_counter()
     with ProcessPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(_case, range(args.cases), chunksize=16))
+        windows = tuple(args.windows.split(","))
+        rows = list(pool.map(partial(_case, windows=windows), range(args.cases), chunksize=16))
     print(f"generated {args.cases} cases in {time.perf_counter() - start:.0f}s", flush=True)
     volumes = torch.tensor(np.stack([r[0] for r in rows]))
     patterns = torch.tensor([r[1] for r in rows])
@@ -155,6 +162,7 @@ def main() -> None:
         "cases": args.cases,
         "test_cases": args.test,
         "epochs": args.epochs,
+        "windows": args.windows.split(","),
         "runs": runs,
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,14 @@ class VolumeGrid:
 # (20 x 50 x 50 mm) give 512 CT tokens.
 GRIDS = MappingProxyType(
     {
-        "small": VolumeGrid(shape=(32, 64, 64), spacing_mm=(5.0, 6.25, 6.25), patch_size=(4, 8, 8)),
+        # The lung-field channel (the lung window inside the segmented lungs) sets what is solid inside the
+        # lungs apart from the chest wall and the mediastinum, which the plain windows show alike.
+        "small": VolumeGrid(
+            shape=(32, 64, 64),
+            spacing_mm=(5.0, 6.25, 6.25),
+            patch_size=(4, 8, 8),
+            windows=("lung", "mediastinum", "bone", "lung_field"),
+        ),
         # Tests: 64 CT tokens over the same field of view.
         "tiny": VolumeGrid(shape=(16, 32, 32), spacing_mm=(10.0, 12.5, 12.5), patch_size=(4, 8, 8)),
     }

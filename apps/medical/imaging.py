@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from types import MappingProxyType
 
 import numpy as np
+from scipy import ndimage
 
 from core.errors import ConfigError
 
@@ -22,6 +23,16 @@ WINDOW_PRESETS = MappingProxyType(
         "brain": (40.0, 80.0),
     }
 )
+
+# Channels computed from the volume rather than through a plain window (usable in `stack_windows`):
+# "lung_field" is the lung window inside the segmented lung fields (`lung_field_mask`) and 0 elsewhere, so
+# whatever is solid inside the lungs stands out from the chest wall and the mediastinum.
+DERIVED_CHANNELS = ("lung_field",)
+# Lung segmentation: air below this HU, in-plane closing radius (voxels) so that a lesion against the
+# pleura still counts as inside the lung, and the smallest air pocket kept (fraction of the largest one).
+LUNG_AIR_HU = -400.0
+LUNG_CLOSING_VOXELS = 2
+LUNG_MIN_COMPONENT_FRACTION = 0.02
 
 # Neighbouring slices closer than this along the normal are the same position (mm).
 DUPLICATE_TOLERANCE_MM = 1e-3
@@ -184,6 +195,50 @@ def apply_window(hu: np.ndarray, preset: str | tuple[float, float]) -> np.ndarra
     return np.clip(windowed, 0.0, 1.0).astype(np.float32)
 
 
+def lung_field_mask(hu: np.ndarray) -> np.ndarray:
+    """The lung fields of a ``(S, R, C)`` HU volume, with what lies inside them (nodules, masses, vessels).
+
+    The usual threshold-and-components segmentation: air below `LUNG_AIR_HU` that is not connected to the
+    edge of a slice (the air around the patient, out-of-field padding), air pockets of at least
+    `LUNG_MIN_COMPONENT_FRACTION` of the largest one, then per slice an in-plane closing and hole filling so
+    that solid lesions inside or against the lung count as lung.
+
+    Returns:
+        bool array of `hu`'s shape; all False when no enclosed air is found (e.g. a head CT).
+    """
+    hu = np.asarray(hu)
+    if hu.ndim != 3:
+        raise ConfigError(f"lung_field_mask: expected a (slices, rows, cols) volume, got shape {hu.shape}")
+    air = hu < LUNG_AIR_HU
+    labels, count = ndimage.label(air)
+    if count == 0:
+        return np.zeros(hu.shape, dtype=bool)
+    edge = np.unique(np.concatenate([labels[:, [0, -1], :].ravel(), labels[:, :, [0, -1]].ravel()]))
+    sizes = ndimage.sum_labels(air, labels, index=np.arange(1, count + 1))
+    sizes[edge[edge > 0] - 1] = 0.0
+    if sizes.max() <= 0:
+        return np.zeros(hu.shape, dtype=bool)
+    keep = np.flatnonzero(sizes >= LUNG_MIN_COMPONENT_FRACTION * sizes.max()) + 1
+    lungs = np.isin(labels, keep)
+    radius = LUNG_CLOSING_VOXELS
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    disk = (yy**2 + xx**2 <= radius**2)[None]  # (1, k, k): in-plane only
+    padded = np.pad(lungs, ((0, 0), (radius, radius), (radius, radius)))
+    closed = ndimage.binary_closing(padded, structure=disk)[:, radius:-radius, radius:-radius]
+    return np.stack([ndimage.binary_fill_holes(part) for part in closed]).astype(bool)
+
+
 def stack_windows(hu: np.ndarray, presets: Sequence[str | tuple[float, float]]) -> np.ndarray:
-    """Several windows of one volume as channels: ``(len(presets), *hu.shape)`` float32 in [0, 1]."""
-    return np.stack([apply_window(hu, preset) for preset in presets], axis=0)
+    """Several windows of one volume as channels: ``(len(presets), *hu.shape)`` float32 in [0, 1].
+
+    A preset may also be one of `DERIVED_CHANNELS` (``"lung_field"``: the lung window inside
+    `lung_field_mask`, 0 outside).
+    """
+    channels, mask = [], None
+    for preset in presets:
+        if isinstance(preset, str) and preset == "lung_field":
+            mask = lung_field_mask(hu) if mask is None else mask
+            channels.append(apply_window(hu, "lung") * mask)
+        else:
+            channels.append(apply_window(hu, preset))
+    return np.stack(channels, axis=0)
