@@ -337,6 +337,11 @@ def phase_latency(args, work: Path, results: dict) -> None:
     results["latency"] = out
 
 
+def _override_text(settings: dict) -> str:
+    overrides = settings.get("config_overrides") or {}
+    return "".join(f", {name}={value}" for name, value in overrides.items())
+
+
 def write_markdown(results: dict) -> str:
     lines = ["# Medical benchmark", ""]
     if "accuracy" in results:
@@ -344,7 +349,8 @@ def write_markdown(results: dict) -> str:
         s = acc["settings"]
         lines += [
             f"Held-out semi-synthetic test set: {s['test_cases']} cases, trained on {s['train_cases']} "
-            f"({s['preset']} preset, {s['epochs']} epochs, series {s['shape']}, device {s['device']}).",
+            f"({s['preset']} preset{_override_text(s)}, {s['epochs']} epochs, batch {s['batch_size']}, "
+            f"lr {s['learning_rate']}, series {s['shape']}, device {s['device']}).",
             "",
         ]
         models = acc["models"]
@@ -447,7 +453,9 @@ def main() -> None:
         help="accuracy: CT stem channels instead of the preset's (0: linear patch embedding)",
     )
     parser.add_argument(
-        "--pooling", choices=("mean", "max"), help="accuracy: classifier pooling instead of the preset's"
+        "--pooling",
+        choices=("mean", "max", "modality_mean", "modality_max"),
+        help="accuracy: classifier pooling instead of the preset's",
     )
     parser.add_argument(
         "--variants",

@@ -9,6 +9,8 @@ from transformers import PretrainedConfig
 
 from core.errors import ConfigError
 
+_POOLINGS = ("mean", "max", "last", "first", "modality_mean", "modality_max")
+
 BALANCE_MODES = ("aux_free", "aux_loss", "none")
 ATTENTION_BACKENDS = ("auto", "gather", "flex")
 POSITION_ENCODINGS = ("rope", "none")
@@ -69,7 +71,8 @@ class CoreConfig(PretrainedConfig):
             so a lesion a few voxels wide anywhere in the patch shows in its token.
         num_labels: classes of the classification head (0: no head).
         classifier_pooling: "mean", "max", "last" or "first" token pooling for classification, or
-            "modality_mean": the mean of the CT tokens' mean and the field tokens' mean.
+            "modality_mean": the mean of the CT tokens' mean and the field tokens' mean, or
+            "modality_max": the mean of the CT tokens' max and the field tokens' mean.
         next_step_vocab: items the next-step head can score (0: no head).
         next_step_retrieval: the next-step head also reads a question-aware summary of the history: the
             item to predict attends (multi-head, with a learned per-head recency decay as in AKT's knowledge
@@ -382,9 +385,9 @@ class CoreConfig(PretrainedConfig):
         )
         _expect(self.num_labels >= 0, "num_labels", "an integer >= 0", self.num_labels)
         _expect(
-            self.classifier_pooling in ("mean", "max", "last", "first", "modality_mean"),
+            self.classifier_pooling in _POOLINGS,
             "classifier_pooling",
-            "one of ('mean', 'max', 'last', 'first', 'modality_mean')",
+            f"one of {_POOLINGS}",
             self.classifier_pooling,
         )
         _expect(self.next_step_vocab >= 0, "next_step_vocab", "an integer >= 0", self.next_step_vocab)

@@ -404,17 +404,22 @@ class CoreModel(PreTrainedModel):
         mask = attention_mask.to(hidden_states.dtype)  # (B, T)
         if self.config.classifier_pooling == "mean":
             return (hidden_states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
-        if self.config.classifier_pooling == "modality_mean":
-            # The mean of the CT tokens' mean and the field tokens' mean (of those present): hundreds of CT
-            # tokens do not drown a record's twenty.
-            means, present = [], []
+        if self.config.classifier_pooling in ("modality_mean", "modality_max"):
+            # The average of a CT summary and the field tokens' mean (of those present): hundreds of CT
+            # tokens do not drown a record's twenty. "modality_max" summarises the CT by its max over
+            # tokens, so a lesion in one or two of 512 tokens is not averaged away.
+            summaries, present = [], []
             for part in (slice(0, n_volume), slice(n_volume, None)):
                 states, weights = hidden_states[:, part], mask[:, part]
                 count = weights.sum(1, keepdim=True)  # (B, 1)
-                means.append((states * weights[..., None]).sum(1) / count.clamp_min(1.0))
+                if part.start == 0 and self.config.classifier_pooling == "modality_max":
+                    peak = states.masked_fill(weights[..., None] == 0, float("-inf")).amax(dim=1)
+                    summaries.append(torch.where(count > 0, peak, torch.zeros_like(peak)))
+                else:
+                    summaries.append((states * weights[..., None]).sum(1) / count.clamp_min(1.0))
                 present.append((count > 0).to(hidden_states.dtype))
             total = (present[0] + present[1]).clamp_min(1.0)
-            return (means[0] * present[0] + means[1] * present[1]) / total
+            return (summaries[0] * present[0] + summaries[1] * present[1]) / total
         if self.config.classifier_pooling == "max":  # a finding in a few tokens is not averaged away
             return hidden_states.masked_fill(~attention_mask.bool()[..., None], float("-inf")).amax(dim=1)
         positions = torch.arange(hidden_states.shape[1], device=hidden_states.device)

@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -41,16 +41,28 @@ TASK_TARGETS = ("labels", "token_labels", "next_item_ids", "next_labels")
 
 
 class ExampleDataset(Dataset):
-    """A list of encoded examples (see `core.data`) as a torch Dataset."""
+    """A list of encoded examples (see `core.data`) as a torch Dataset.
 
-    def __init__(self, examples: Sequence[Mapping[str, Any]]) -> None:
+    Args:
+        examples: the encoded examples.
+        transform: applied to an example each time it is read (training-time augmentation); it must
+            return a new example and leave its argument unchanged.
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[Mapping[str, Any]],
+        transform: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+    ) -> None:
         self.examples = list(examples)
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> Mapping[str, Any]:
-        return self.examples[index]
+        example = self.examples[index]
+        return example if self.transform is None else self.transform(example)
 
 
 @dataclass

@@ -107,6 +107,21 @@ class _Prototypes:
     shots: dict[str, list[str]] = field(default_factory=dict)  # name -> support case ids
 
 
+class MirrorVolume:
+    """Training augmentation: an example's CT mirrored left-right (the last axis) with probability 0.5.
+
+    Returns a new example when it mirrors (the stored one is never changed); cases without CT pass as is.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, example: Mapping[str, Any]) -> Mapping[str, Any]:
+        if not example.get("volume_present", False) or self.rng.random() >= 0.5:
+            return example
+        return {**example, "volume": np.ascontiguousarray(example["volume"][..., ::-1])}
+
+
 class Diagnoser:
     """CT-plus-record diagnosis with a classification head and few-shot prototype classes.
 
@@ -121,6 +136,8 @@ class Diagnoser:
         device: torch device of training and inference.
         show_progress: show the Trainer's progress bars.
         config_overrides: `CoreConfig` fields replacing the preset's (e.g. ``{"volume_stem_channels": 16}``).
+        augment: during training, mirror each CT left-right with probability 0.5 each time it is read
+            (a lesion may lie in either lung; with a few hundred cases this doubles what the CT side sees).
     """
 
     def __init__(
@@ -136,8 +153,10 @@ class Diagnoser:
         device: str = "cpu",
         show_progress: bool = True,
         config_overrides: Mapping[str, Any] | None = None,
+        augment: bool = True,
     ) -> None:
         self.preset = preset
+        self.augment = augment
         self.config_overrides = dict(config_overrides or {})
         self.labels = labels
         self.epochs = epochs
@@ -174,12 +193,13 @@ class Diagnoser:
             logging_steps=max(1, len(cases) // self.batch_size),
         )
         with tempfile.TemporaryDirectory(prefix="medical-train-") as work:
+            transform = MirrorVolume(self.seed) if self.augment else None
             pretrain = None
             if self.pretrain_epochs > 0:
-                pretrain = ExampleDataset(plan.pretrain_examples)
+                pretrain = ExampleDataset(plan.pretrain_examples, transform)
             training_metrics = fit_two_stage(
                 model,
-                ExampleDataset(plan.task_examples),
+                ExampleDataset(plan.task_examples, transform),
                 work,
                 pretrain_dataset=pretrain,
                 pretrain_args=default_training_args(

@@ -243,3 +243,13 @@ def test_modality_mean_pooling_weighs_the_ct_and_the_fields_alike() -> None:
     torch.testing.assert_close(model.pool(hidden, mask, n_volume=3), torch.tensor([[1.5, 2.0]]))
     no_ct = torch.tensor([[False, False, False, True, False]])  # a case without CT: the fields alone
     torch.testing.assert_close(model.pool(hidden, no_ct, n_volume=3), torch.tensor([[0.0, 4.0]]))
+
+
+def test_modality_max_pooling_keeps_a_finding_in_one_ct_token() -> None:
+    model = CoreModel(model_config(classifier_pooling="modality_max"))
+    hidden = torch.tensor([[[1.0, 0.0], [3.0, -2.0], [5.0, -1.0], [0.0, 4.0], [9.0, 9.0]]])
+    mask = torch.tensor([[True, True, True, True, False]])
+    # CT max (5, 0) and field mean (0, 4) count alike; padding ignored.
+    torch.testing.assert_close(model.pool(hidden, mask, n_volume=3), torch.tensor([[2.5, 2.0]]))
+    no_ct = torch.tensor([[False, False, False, True, False]])  # no CT: the fields alone, no -inf leaks
+    torch.testing.assert_close(model.pool(hidden, no_ct, n_volume=3), torch.tensor([[0.0, 4.0]]))

@@ -124,3 +124,19 @@ def test_config_overrides_reach_the_model_and_survive_save_load(trained, tmp_pat
     np.testing.assert_allclose(
         loaded.predict_proba(trained.test[:4]), diagnoser.predict_proba(trained.test[:4]), atol=1e-5
     )
+
+
+def test_mirror_volume_flips_the_ct_half_the_time_and_never_the_stored_example() -> None:
+    from apps.medical.predictor import MirrorVolume
+
+    volume = np.arange(2 * 2 * 3 * 4, dtype=np.float32).reshape(2, 2, 3, 4)
+    example = {"volume": volume, "volume_present": True, "labels": 1}
+    mirror = MirrorVolume(seed=0)
+    outputs = [mirror(example) for _ in range(200)]
+    flipped = [o for o in outputs if o is not example]
+    assert 60 < len(flipped) < 140  # about half
+    np.testing.assert_array_equal(flipped[0]["volume"], volume[..., ::-1])
+    assert flipped[0]["labels"] == 1
+    np.testing.assert_array_equal(example["volume"], np.arange(48, dtype=np.float32).reshape(2, 2, 3, 4))
+    absent = {"volume": volume, "volume_present": False}
+    assert all(mirror(absent) is absent for _ in range(20))  # no CT: nothing to mirror
