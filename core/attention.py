@@ -75,6 +75,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x of shape (B, H, T, D) by cos/sin of shape (T, D) or (B, T, D)."""
+    if torch.compiler.is_exporting():
+        # ONNX's RotaryEmbedding (opset 23): one ONNX Runtime kernel instead of six element-wise ops.
+        from torch.onnx.ops import rotary_embedding
+
+        batch, _, length, dim = x.shape
+        half = dim // 2  # cos = cat([c, c]): the op takes c
+        cos_half = cos[..., :half].expand(batch, length, half)  # (B, T, D/2)
+        sin_half = sin[..., :half].expand(batch, length, half)
+        return rotary_embedding(x, cos_half, sin_half)
     if cos.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
     return x * cos + _rotate_half(x) * sin
@@ -589,6 +598,8 @@ class DynamicAttention(nn.Module):
             idx = selected.reshape(batch, heads, n_blocks * n_slots, 1).expand(-1, -1, -1, bs)
             kv_ok = valid_blocks.gather(2, idx).view(batch, heads, n_blocks, n_slots, bs)
             kv_ok = kv_ok & pick_valid[..., None]  # (B, H, N, S, bs)
+        if torch.compiler.is_exporting():
+            return self._gathered_mask_export(kv_ok, n_slots)
         mask = kv_ok.reshape(batch, heads, n_blocks, 1, n_slots * bs).expand(-1, -1, -1, bs, -1).clone()
         own = mask[..., :bs]  # (B, H, N, bs, bs) view of slot 0, the own block
         if self.causal:
@@ -596,6 +607,18 @@ class DynamicAttention(nn.Module):
         # Each query sees at least itself, so no softmax row is empty (padded queries are discarded).
         own |= torch.eye(bs, dtype=torch.bool, device=mask.device)
         return mask
+
+    def _gathered_mask_export(self, kv_ok, n_slots: int):
+        """`_gathered_mask`'s in-place edits of the own block as two broadcast ops (an exported graph would
+        turn the slice assignments into full-size ScatterND copies and transposes)."""
+        batch, heads, n_blocks, _, bs = kv_ok.shape
+        device = kv_ok.device
+        keep = torch.ones(bs, n_slots * bs, dtype=torch.bool, device=device)  # (bs, S*bs)
+        if self.causal:
+            keep = torch.cat([keep[:, :bs].tril(), keep[:, bs:]], dim=-1)
+        own = F.pad(torch.eye(bs, dtype=torch.bool, device=device), (0, (n_slots - 1) * bs))  # (bs, S*bs)
+        mask = kv_ok.reshape(batch, heads, n_blocks, 1, n_slots * bs)  # (B, H, N, 1, S*bs)
+        return (mask & keep) | own  # (B, H, N, bs, S*bs)
 
     def _gathered(self, q, k, v, key_valid, selected, pick_valid, want_weights, positions=None):
         """Gather the kept K/V blocks and run one fused SDPA call over all query blocks.

@@ -550,21 +550,27 @@ def latency_report(
     The two models run alternately (parent, artifact, parent, ...) on the same batch, so a change in the
     machine's load during the measurement hits both alike; `speedup` is the ratio of the medians and
     `speedup_best` the ratio of the fastest runs (the least disturbed by other processes on a busy machine).
+    `speedup_cpu` is the ratio of the median CPU times of the calling thread (`time.thread_time`): with one
+    intra-op thread both torch and ONNX Runtime compute on that thread, so time spent descheduled while other
+    processes run is left out (shared caches and memory bandwidth still count).
     """
     report = {}
     for size in batch_sizes:
         inputs = inference_inputs(collate(_repeat_to(examples, size)))
         times: dict[str, list[float]] = {"parent": [], "artifact": []}
+        cpu: dict[str, list[float]] = {"parent": [], "artifact": []}
         with torch.inference_mode():
             parent(**inputs)  # warm-up (torch kernels, ONNX Runtime allocations)
             artifact(**inputs)
             for _ in range(repeats):
                 for name, model in (("parent", parent), ("artifact", artifact)):
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), time.thread_time()
                     model(**inputs)
                     times[name].append(1000 * (time.perf_counter() - start))
+                    cpu[name].append(1000 * (time.thread_time() - start_cpu))
         base, mine = float(np.median(times["parent"])), float(np.median(times["artifact"]))
         best_base, best_mine = min(times["parent"]), min(times["artifact"])
+        cpu_base, cpu_mine = float(np.median(cpu["parent"])), float(np.median(cpu["artifact"]))
         report[f"batch_{size}"] = {
             "parent_fp32_ms": round(base, 3),
             "artifact_ms": round(mine, 3),
@@ -572,6 +578,9 @@ def latency_report(
             "parent_fp32_best_ms": round(best_base, 3),
             "artifact_best_ms": round(best_mine, 3),
             "speedup_best": round(best_base / best_mine, 3),
+            "parent_fp32_cpu_ms": round(cpu_base, 3),
+            "artifact_cpu_ms": round(cpu_mine, 3),
+            "speedup_cpu": round(cpu_base / max(cpu_mine, 1e-6), 3),
         }
     return report
 

@@ -36,6 +36,23 @@ class PeriodicEncoding(nn.Module):
         out = torch.einsum("btfi,fio->btfo", features, self.linear) + self.bias  # (B, T, F, out)
         return torch.relu(out)
 
+    def masked_sum(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`(forward(values) * mask[..., None]).sum(2)` for values (B, T, F) and a 0/1 mask (B, T, F).
+
+        The same sum laid out for an exported graph (ONNX Runtime): fields first and tokens last, so every
+        element-wise op runs over contiguous rows of B*T tokens, one batched MatMul covers the fields and the
+        sum over fields adds whole slabs; the bias is a weight column fed by the mask, so the MatMul already
+        masks (`relu(z * m) = relu(z) * m` for m in {0, 1}).
+        """
+        batch, length, fields = values.shape
+        x = values.permute(2, 0, 1).reshape(fields, 1, batch * length)  # (F, 1, N)
+        m = mask.to(values.dtype).permute(2, 0, 1).reshape(fields, 1, batch * length)  # (F, 1, N)
+        angles = (2 * math.pi * self.frequencies)[:, :, None] * x  # (F, n_freq, N)
+        features = torch.cat([angles.sin(), angles.cos(), x, torch.ones_like(x)], dim=1) * m  # (F, 2n+2, N)
+        weight = torch.cat([self.linear, self.bias[:, None, :]], dim=1).transpose(1, 2)  # (F, out, 2n+2)
+        out = torch.relu(torch.bmm(weight, features)).sum(dim=0)  # (F, out, N) -> (out, N)
+        return out.t().reshape(batch, length, -1)  # (B, T, out)
+
 
 class FieldEmbedder(nn.Module):
     """Embeds tokens made of fields: categorical ids, numeric values and the time since the last token.
@@ -132,10 +149,15 @@ class FieldEmbedder(nn.Module):
                     "FieldEmbedder: numeric values contain NaN or inf; mark them missing"
                 )
             numeric = torch.nan_to_num(numeric)  # masked-out slots may hold NaN; they are replaced below
-            encoded = self.numeric(numeric)  # (B, T, F, hidden)
-            if numeric_mask is not None:
-                encoded = torch.where(numeric_mask[..., None], encoded, self.numeric_missing)
-            out = out + encoded.sum(dim=2)
+            if exporting:  # the same sum, laid out for ONNX Runtime (`PeriodicEncoding.masked_sum`)
+                present = torch.ones_like(numeric) if numeric_mask is None else numeric_mask.to(numeric.dtype)
+                out = out + self.numeric.masked_sum(numeric, present)  # (B, T, hidden)
+                out = out + (1 - present) @ self.numeric_missing  # (B, T, F) @ (F, hidden)
+            else:
+                encoded = self.numeric(numeric)  # (B, T, F, hidden)
+                if numeric_mask is not None:
+                    encoded = torch.where(numeric_mask[..., None], encoded, self.numeric_missing)
+                out = out + encoded.sum(dim=2)
         if self.time_delta is not None and time_delta is not None:
             out = out + self.time_delta(torch.log1p(time_delta.clamp_min(0))[..., None]).squeeze(2)
         if mfm_mask is not None:

@@ -1,13 +1,17 @@
 """The ONNX form of `CoreModel`: dynamo export, ONNX Runtime int8 quantisation, and `OnnxCoreModel`.
 
-`export_onnx` exports the inference forward (the MoE runs its export dispatch, `DomainMoE._dispatch_export`)
-and the heads, rewrites per-field Einsums as batched MatMuls (ONNX Runtime's CPU Einsum is slow) and records
-each weight node's torch module path in `onnx.json`; `quantize_int8` applies ONNX Runtime dynamic int8
-(MatMul, Gemm, Conv and Gather, i.e. embeddings included), keeping chosen modules fp32 by path
-(`KEEP_FP32_DEFAULT`: MoE routers, domain priors, the CT volume embedder). `int8_sensitivity` measures how
-much quantising each module group alone changes the outputs; `profile_ops` reports ONNX Runtime kernel time
-per op type. `OnnxCoreModel` runs such a directory behind the `CoreModel` call signature (sessions: one
-intra-op thread pool, inter-op 1, sequential, ORT_ENABLE_ALL).
+`export_onnx` exports the inference forward (the MoE runs its export dispatch, `DomainMoE._dispatch_export`;
+the numeric embedder and the block-sparse mask run their export layouts, `PeriodicEncoding.masked_sum` and
+`DynamicAttention._gathered_mask_export`) and the heads, then rewrites the graph for ONNX Runtime's CPU
+kernels: per-field Einsums as batched MatMuls (its Einsum is slow), each MoE layer's chain of per-expert
+scatter-adds as one ScatterND (every ScatterND copies the whole output), floor divisions of `nonzero()`
+positions as plain divisions, skips no-op flattens of index vectors, and drops dead nodes. It records each weight node's torch module path in
+`onnx.json`; `quantize_int8` applies ONNX Runtime dynamic int8 (MatMul, Gemm, Conv and Gather, i.e.
+embeddings included), keeping chosen modules fp32 by path (`KEEP_FP32_DEFAULT`: MoE routers, domain priors,
+the CT volume embedder). `int8_sensitivity` measures how much quantising each module group alone changes the
+outputs; `profile_ops` reports ONNX Runtime kernel time per op type. `OnnxCoreModel` runs such a directory
+behind the `CoreModel` call signature (sessions: one intra-op thread pool, inter-op 1, sequential,
+ORT_ENABLE_ALL, denormals flushed to zero).
 
 `core.train.load_checkpoint` returns it for a directory holding `model.onnx`, so the app predictors run
 compressed models unchanged: calling it with a batch's keyword arguments returns a `CoreOutput` with
@@ -24,7 +28,8 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +47,7 @@ __all__ = [
     "KEEP_FP32_DEFAULT",
     "OnnxCoreModel",
     "OnnxSequenceWarning",
+    "denormals_flushed",
     "export_onnx",
     "flat_inputs",
     "int8_sensitivity",
@@ -191,6 +197,10 @@ def _strip_metadata(path: Path) -> dict[str, str]:
             del value.metadata_props[:]
     proto.doc_string = ""
     _einsum_as_matmul(proto.graph)
+    _merge_scatter_adds(proto.graph)
+    _nonnegative_floor_divides(proto.graph)
+    _flatten_noops(proto.graph)
+    _prune_dead_nodes(proto.graph)
     onnx.save(proto, str(path))
     return modules
 
@@ -269,6 +279,206 @@ def _einsum_as_matmul(graph: Any) -> int:
         del graph.node[:]
         graph.node.extend(nodes)
     return rewritten
+
+
+def _scatter_add_chains(graph: Any) -> list[list[Any]]:
+    """Chains of ScatterND(reduction="add") nodes, each one's output the next one's data and used nowhere else."""
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    graph_outputs = {value.name for value in graph.output}
+
+    def is_add(node: Any) -> bool:
+        reduction = next((a.s.decode() for a in node.attribute if a.name == "reduction"), "none")
+        return node.op_type == "ScatterND" and reduction == "add"
+
+    by_data = {node.input[0]: node for node in graph.node if is_add(node)}
+    heads = [
+        node
+        for node in graph.node
+        if is_add(node) and not any(node.input[0] == n.output[0] for n in by_data.values())
+    ]
+    chains = []
+    for node in heads:
+        chain = [node]
+        while True:
+            out = chain[-1].output[0]
+            nxt = by_data.get(out)
+            if nxt is None or consumers.get(out, 0) != 1 or out in graph_outputs:
+                break
+            chain.append(nxt)
+        if len(chain) > 1:
+            chains.append(chain)
+    return chains
+
+
+def _merge_scatter_adds(graph: Any) -> int:
+    """Rewrite each chain of ScatterND(add) (the MoE export dispatch: one `index_add` per expert) as one
+    ScatterND over the concatenated indices and updates.
+
+    ONNX Runtime copies the whole (tokens, hidden) output for every ScatterND of the chain; one scatter of all
+    assignments gives the same sums (a token's experts add in a different order: float rounding only).
+    Returns the number of ScatterND nodes removed.
+    """
+    from onnx import helper
+
+    removed, replacements, dropped = 0, {}, set()
+    for chain in _scatter_add_chains(graph):
+        last = chain[-1]
+        name = last.name or f"scatter_add_{removed}"
+        replacements[last.output[0]] = [
+            helper.make_node(
+                "Concat", [n.input[1] for n in chain], [f"{name}_indices"], axis=0, name=f"{name}_cat_idx"
+            ),
+            helper.make_node(
+                "Concat", [n.input[2] for n in chain], [f"{name}_updates"], axis=0, name=f"{name}_cat_upd"
+            ),
+            helper.make_node(
+                "ScatterND",
+                [chain[0].input[0], f"{name}_indices", f"{name}_updates"],
+                [last.output[0]],
+                reduction="add",
+                name=f"{name}_merged",
+            ),
+        ]
+        dropped.update(n.output[0] for n in chain[:-1])  # (an output name identifies a node)
+        removed += len(chain) - 1
+    if removed:
+        nodes = []
+        for node in graph.node:
+            if node.output[0] in dropped:
+                continue
+            nodes.extend(replacements.get(node.output[0], [node]))
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return removed
+
+
+_INDEX_VIEWS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+
+
+def _nonnegative_floor_divides(graph: Any) -> int:
+    """Drop the sign correction of integer floor divisions whose dividend comes from `NonZero`.
+
+    The exporter writes `a // b` as `Div(a, b) - ((a < 0) != (a % b == 0 ...))` (seven nodes); the MoE export
+    dispatch divides `nonzero()` positions (never negative) by `top_k` once per expert, where the plain
+    (truncating) `Div` by a positive constant is already the floor. The uses of the `Sub` output are pointed at the `Div`. Returns
+    the number of divisions simplified (the dead nodes go in `_prune_dead_nodes`).
+    """
+    from onnx import numpy_helper
+
+    producers = {out: node for node in graph.node for out in node.output}
+    graph_outputs = {value.name for value in graph.output}
+    positive = {init.name for init in graph.initializer if (numpy_helper.to_array(init) > 0).all()}
+
+    def from_nonzero(name: str) -> bool:
+        node = producers.get(name)
+        while node is not None and node.op_type in _INDEX_VIEWS:
+            node = producers.get(node.input[0])
+        return node is not None and node.op_type == "NonZero"
+
+    def correction_of(name: str, dividend: str) -> bool:
+        """The correction term's sub-graph reads `dividend` through a `Mod` (it is the floor fix-up)."""
+        stack, seen = [name], set()
+        while stack:
+            node = producers.get(stack.pop())
+            if node is None or node.output[0] in seen:
+                continue
+            seen.add(node.output[0])
+            if node.op_type == "Mod":
+                return node.input[0] == dividend
+            if node.op_type in ("Cast", "And", "Or", "Xor", "Not", "Equal", "Less", "Where"):
+                stack.extend(node.input)
+        return False
+
+    renames: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type != "Sub" or node.output[0] in graph_outputs:
+            continue
+        div = producers.get(node.input[0])
+        if (
+            div is None
+            or div.op_type != "Div"
+            or div.input[1] not in positive
+            or not from_nonzero(div.input[0])
+        ):
+            continue
+        if correction_of(node.input[1], div.input[0]):
+            renames[node.output[0]] = div.output[0]
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+    return len(renames)
+
+
+def _flatten_noops(graph: Any) -> int:
+    """Skip no-op flattens of index vectors (the MoE export dispatch has three per expert).
+
+    `Reshape(x, [-1])` of an x of rank 1 is x; `Reshape(Transpose(NonZero(v)), [-1])` of a rank-1 v is
+    `Reshape(NonZero(v), [-1])` (NonZero gives (1, M) there). Ranks come from the exporter's `value_info`;
+    a value without one is left alone. Returns the number of nodes bypassed (dropped as dead afterwards).
+    """
+    from onnx import numpy_helper
+
+    ranks = {
+        value.name: len(value.type.tensor_type.shape.dim)
+        for value in (*graph.value_info, *graph.input)
+        if value.type.tensor_type.HasField("shape")
+    }
+    flat = {
+        init.name
+        for init in graph.initializer
+        if len(init.dims) == 1 and numpy_helper.to_array(init).tolist() == [-1]
+    }
+    producers = {out: node for node in graph.node for out in node.output}
+    graph_outputs = {value.name for value in graph.output}
+    renames: dict[str, str] = {}
+    bypassed = 0
+    for node in graph.node:
+        if node.op_type != "Reshape" or node.input[1] not in flat:
+            continue
+        source = producers.get(node.input[0])
+        if ranks.get(node.input[0]) == 1 and node.output[0] not in graph_outputs:
+            renames[node.output[0]] = node.input[0]
+            bypassed += 1
+        elif (
+            source is not None
+            and source.op_type == "Transpose"
+            and producers.get(source.input[0]) is not None
+            and producers[source.input[0]].op_type == "NonZero"
+            and ranks.get(producers[source.input[0]].input[0]) == 1
+        ):
+            node.input[0] = source.input[0]  # (1, M) flattens to the same (M,) as its transpose
+            bypassed += 1
+
+    def resolve(name: str) -> str:
+        while name in renames:
+            name = renames[name]
+        return name
+
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = resolve(name)
+    return bypassed
+
+
+def _prune_dead_nodes(graph: Any) -> int:
+    """Remove nodes no graph output depends on (left over by the rewrites above). Returns how many."""
+    if any(attr.HasField("g") or len(attr.graphs) for node in graph.node for attr in node.attribute):
+        return 0  # sub-graphs read outer names implicitly: leave such a graph alone
+    needed = {value.name for value in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if any(out in needed for out in node.output):
+            keep.append(node)
+            needed.update(node.input)
+    removed = len(graph.node) - len(keep)
+    if removed:
+        del graph.node[:]
+        graph.node.extend(reversed(keep))
+    return removed
 
 
 def _export(
@@ -556,7 +766,6 @@ def int8_sensitivity(
     Returns:
         {group: largest relative RMS error over the outputs}, `"all"` included.
     """
-    import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model_dir = Path(model_dir)
@@ -569,9 +778,10 @@ def int8_sensitivity(
     excluded = [*kept, *(f"{n}_MatMul" for n in kept), *_batched_weight_matmuls(source)]
 
     def run(path: Path) -> dict[str, np.ndarray]:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = _new_session(path, options)
         names = [o.name for o in session.get_outputs()]
-        return dict(zip(names, session.run(names, dict(feed)), strict=True))
+        with denormals_flushed():
+            return dict(zip(names, session.run(names, dict(feed)), strict=True))
 
     reference = run(source)
     errors: dict[str, float] = {}
@@ -605,19 +815,17 @@ def profile_ops(model_dir: str | Path, feed: Mapping[str, np.ndarray], runs: int
     Returns:
         `{"total_ms": ..., "ops": {op_type: {"ms": ..., "share": ..., "nodes": ...}}}`, op types by time.
     """
-    import onnxruntime as ort
 
     model_dir = Path(model_dir)
     with tempfile.TemporaryDirectory(prefix="verticals-ortprof-") as work:
         options = _session_options(1)
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(work) / "profile")
-        session = ort.InferenceSession(
-            str(model_dir / ONNX_FILE), options, providers=["CPUExecutionProvider"]
-        )
-        session.run(None, dict(feed))
-        for _ in range(runs):
+        session = _new_session(model_dir / ONNX_FILE, options)
+        with denormals_flushed():  # as `OnnxCoreModel` runs it
             session.run(None, dict(feed))
+            for _ in range(runs):
+                session.run(None, dict(feed))
         events = json.loads(Path(session.end_profiling()).read_text())
     per_op: dict[str, float] = {}
     nodes: dict[str, set[str]] = {}
@@ -651,15 +859,53 @@ def _session_options(threads: int | None):
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    # Denormals flushed to zero in the pool's threads (the calling thread: `denormals_flushed`).
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
     return options
 
 
-def _session(path: Path, threads: int | None):
+def _flushing_denormals() -> bool:
+    """Whether this thread flushes denormal floats to zero (FTZ/DAZ): a denormal times ~1 comes out as 0."""
+    with np.errstate(all="ignore"):
+        return bool(np.float32(1e-39) * np.float32(1.0001) == 0)
+
+
+@contextmanager
+def denormals_flushed() -> Iterator[None]:
+    """Flush denormal floats to zero on this thread for the duration (the previous mode is restored).
+
+    Masked attention logits underflow in exp(), and x86 arithmetic on denormals is ~10x slower: a masked ONNX
+    `Attention` at batch 64 x 64 tokens runs in 4.7 ms with denormals and 1.5 ms without. ONNX Runtime runs a
+    one-thread session on the calling thread, so its sessions run inside this; the results differ from IEEE
+    arithmetic only below 1.2e-38. (Creating a session with `session.set_denormal_as_zero` also sets the
+    mode on the creating thread, for good: `_new_session` undoes that.)
+    """
+    if _flushing_denormals():
+        yield
+        return
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _new_session(path: Path, options):
+    """An ONNX Runtime CPU session, leaving this thread's denormal mode as it was."""
     import onnxruntime as ort
 
-    options = _session_options(threads)
+    flushing = _flushing_denormals()
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    finally:
+        if not flushing:
+            torch.set_flush_denormal(False)
+
+
+def _session(path: Path, threads: int | None):
+    options = _session_options(threads)
+    try:
+        return _new_session(path, options)
     except Exception as e:  # onnxruntime raises its own exception types; wrap once at the boundary
         raise InputValidationError(f"{path}: not a loadable ONNX model ({type(e).__name__}: {e})") from e
 
@@ -684,7 +930,8 @@ class _OnnxHead:
             feed["next_item_ids"] = next_item_ids.detach().reshape(-1).long().cpu().numpy()
         if feed["hidden_states"].shape[0] == 0:
             raise InputValidationError("ONNX head: no rows to score")
-        (out,) = self.session.run(None, feed)
+        with denormals_flushed():
+            (out,) = self.session.run(None, feed)
         out = torch.from_numpy(out)
         return out.reshape(*lead, *out.shape[1:])
 
@@ -754,7 +1001,8 @@ class OnnxCoreModel:
             session, names = self._explain(), self.meta["explain_outputs"]
         else:
             session, names = self.session, self.meta["outputs"]
-        values = dict(zip(names, session.run(names, feed), strict=True))
+        with denormals_flushed():
+            values = dict(zip(names, session.run(names, feed), strict=True))
         hidden = torch.from_numpy(values["hidden_states"])
         out: dict[str, Any] = {"hidden_states": hidden}
         for name in ("logits", "embeddings"):
