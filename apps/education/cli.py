@@ -224,11 +224,19 @@ def recommend(
         Optional[Path], typer.Option("--graph", help="Prerequisite CSV (prerequisite_skill,skill).")
     ] = None,
     k: Annotated[int, typer.Option("--k", help="Number of exercises.")] = 5,
+    band: Annotated[
+        Optional[tuple[float, float]],
+        typer.Option(
+            "--band",
+            help="Predicted success of a recommended exercise, LOW HIGH (default 0.4 0.85: see config.py).",
+        ),
+    ] = None,
     format: FormatOption = "canonical",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
     domain: DomainOption = None,
 ) -> None:
     """Knowledge gaps and the next k exercises for one student, each with a reason."""
+    from apps.education.config import TARGET_BAND
     from apps.education.predictor import KnowledgeTracer
     from apps.education.service import knowledge_gaps, load_graph
     from apps.education.service import recommend as recommend_items
@@ -247,7 +255,7 @@ def recommend(
     prerequisites = load_graph(graph, skills=list(tracer.skill_vocab_.tokens)) if graph else None
     state = tracer.student_state(frame, student, on_unknown="unknown")
     gaps = knowledge_gaps(tracer, state, prerequisites)
-    items = recommend_items(tracer, state, prerequisites, k=k, gaps=gaps)
+    items = recommend_items(tracer, state, prerequisites, k=k, gaps=gaps, band=band or TARGET_BAND)
     if as_json:
         payload = {
             "student": student,

@@ -5,16 +5,25 @@ cohort stepped together) share this code, so the benchmark measures the recommen
 
 The rule, per student:
 
-1. Eligible items: predicted success inside the target band, on a skill whose prerequisites all have
-   predicted mastery >= the prerequisite threshold (the prerequisite frontier; `PREREQUISITE_THRESHOLD`
-   sits a margin above the mastery threshold because predicted mastery is an estimate), not the item
-   just answered.
+1. Eligible items: predicted success inside the target band, on a skill whose prerequisites are all
+   mastered (the prerequisite frontier), not the item just answered. A prerequisite counts as mastered
+   when its predicted mastery reaches the prerequisite threshold (`PREREQUISITE_THRESHOLD`, a margin above
+   the mastery threshold because predicted mastery is an estimate) or when the student has demonstrated
+   it: at least `required` of their last `window` answers on it correct (`mastery_evidence`, the N-of-M
+   rule of mastery-learning tutors such as ASSISTments' skill builders).
 2. Tiers: gap skills (below the mastery threshold, and a target skill or a prerequisite of one, directly
-   or not), then the other skills tied to the targets, then the rest.
+   or not) not yet demonstrated, then the other skills tied to the targets, then demonstrated skills
+   (reinforcement), then the rest.
 3. Within a tier, skills practised fewer times among the last answers first (interleaved rather than
    blocked practice), then the most urgent gap (`gap_scores`) or, outside the gaps, the least mastered
    skill, then the item whose predicted success is closest to the band's centre.
 4. At most `per_skill` items per skill.
+
+Why the evidence rule: a knowledge tracer trained on ordinary practice logs credits a run of correct
+answers on one skill slowly (on the simulated learners of `bench/education_recommend_bench.py` the
+predicted mastery of a skill practised 6-10 times in a session lags the true success rate by about 0.06),
+so without it the recommender keeps a student on skills they have already learnt and keeps the skills
+that depend on them locked.
 """
 
 from __future__ import annotations
@@ -75,10 +84,16 @@ class SkillIndex:
             prerequisites[row, : len(direct)] = direct
         return cls(skills, items, item_skill, prerequisites, ancestors)
 
-    def ready(self, mastery: np.ndarray, threshold: float) -> np.ndarray:
-        """(S, K) True where every prerequisite of the skill has mastery >= threshold."""
-        padded = np.concatenate([mastery, np.ones((len(mastery), 1))], axis=1)  # (S, K + 1)
-        return (padded[:, self.prerequisites] >= threshold).all(axis=2)
+    def ready(
+        self, mastery: np.ndarray, threshold: float, demonstrated: Optional[np.ndarray] = None
+    ) -> np.ndarray:
+        """(S, K) True where every prerequisite of the skill has mastery >= threshold or, when given,
+        was demonstrated (`demonstrated`, (S, K) bool, see `mastery_evidence`)."""
+        qualified = mastery >= threshold
+        if demonstrated is not None:
+            qualified = qualified | demonstrated
+        padded = np.concatenate([qualified, np.ones((len(mastery), 1), dtype=bool)], axis=1)  # (S, K + 1)
+        return padded[:, self.prerequisites].all(axis=2)
 
     def relevant(self, targets: np.ndarray) -> np.ndarray:
         """(S, K) True for each target skill and every prerequisite of one, directly or not."""
@@ -122,6 +137,7 @@ def rank_items(
     last_item: Optional[np.ndarray] = None,
     relevant: Optional[np.ndarray] = None,
     recent: Optional[np.ndarray] = None,
+    demonstrated: Optional[np.ndarray] = None,
     per_skill: int = 2,
 ) -> np.ndarray:
     """The best `k` eligible items per student (see the module docstring for the rule).
@@ -138,6 +154,9 @@ def rank_items(
         relevant: Skills tied to the student's targets (S, K) bool (`SkillIndex.relevant`); None puts
             every non-gap skill in one tier.
         recent: How often each skill was practised among the student's last answers (S, K) int.
+        demonstrated: Skills the student has shown they master from their own answers (S, K) bool
+            (`mastery_evidence`): they count as mastered prerequisites and rank after the other skills
+            tied to the targets. None: predicted mastery alone decides.
         per_skill: Most items of one skill among the k.
 
     Returns:
@@ -157,16 +176,22 @@ def rank_items(
             f"rank_items: expected item_p (S, {len(index.items)}) and mastery (S, {len(index.skills)}); "
             f"got {item_p.shape} and {mastery.shape}."
         )
+    if demonstrated is not None and demonstrated.shape != mastery.shape:
+        raise InputValidationError(
+            f"rank_items: expected demonstrated of shape {mastery.shape} like mastery; got {demonstrated.shape}."
+        )
     skill = np.where(index.item_skill >= 0, index.item_skill, 0)  # (I,)
     eligible = (item_p >= band[0]) & (item_p <= band[1]) & (index.item_skill >= 0)[None, :]
-    eligible &= index.ready(mastery, prerequisite_threshold)[:, skill]
+    eligible &= index.ready(mastery, prerequisite_threshold, demonstrated)[:, skill]
     if last_item is not None:
         students = np.flatnonzero(last_item >= 0)
         eligible[students, last_item[students]] = False
     urgency = gaps[:, skill]  # (S, I), NaN for items of non-gap skills
-    tier = np.where(np.isnan(urgency), 1, 0)  # gap skills first
+    tier = np.where(np.isnan(urgency), 1, 0)  # gap skills first, then the other skills tied to the targets
+    if demonstrated is not None:
+        tier = np.where(demonstrated[:, skill], 2, tier)  # then skills the student has just shown they master
     if relevant is not None:
-        tier = np.where(np.isnan(urgency) & ~relevant[:, skill], 2, tier)  # then target skills, then others
+        tier = np.where(np.isnan(urgency) & ~relevant[:, skill], 3, tier)  # then the rest
     practised = recent[:, skill] if recent is not None else np.zeros_like(tier)
     priority = np.where(np.isnan(urgency), mastery[:, skill], -urgency)  # urgent gap / least mastered first
     centre = (band[0] + band[1]) / 2.0
@@ -202,3 +227,38 @@ def recent_practice(skill_history: np.ndarray, n_skills: int, window: int) -> np
     rows = np.repeat(np.arange(len(last)), last.shape[1])
     np.add.at(counts, (rows, np.where(last >= 0, last, n_skills).ravel()), 1)
     return counts[:, :n_skills]
+
+
+def mastery_evidence(
+    skill_history: np.ndarray, correct: np.ndarray, n_skills: int, *, required: int, window: int
+) -> np.ndarray:
+    """(S, K) True where at least `required` of the student's last `window` answers on the skill were correct.
+
+    Args:
+        skill_history: Skill index of each answer, oldest first, -1 for none or unknown (S, T).
+        correct: 1 for a correct answer, 0 otherwise (S, T), aligned with `skill_history`.
+        n_skills: K.
+        required: Correct answers needed (N of the N-of-M rule).
+        window: How many of the latest answers on each skill count (M).
+
+    Raises:
+        ConfigError: `required` outside [1, window].
+        InputValidationError: `correct` and `skill_history` of different shapes.
+    """
+    if not 1 <= required <= window:
+        raise ConfigError(f"mastery evidence: expected 1 <= required <= window; got {required} of {window}.")
+    if np.shape(correct) != np.shape(skill_history):
+        raise InputValidationError(
+            f"mastery_evidence: correct {np.shape(correct)} and skill_history {np.shape(skill_history)} "
+            "must have the same shape."
+        )
+    n_students, n_steps = skill_history.shape
+    rows = np.arange(n_students)
+    seen = np.zeros((n_students, n_skills + 1), dtype=np.int64)  # column K collects unknown skills
+    right = np.zeros((n_students, n_skills + 1), dtype=np.int64)
+    for t in range(n_steps - 1, -1, -1):  # newest first, so each skill counts its latest `window` answers
+        column = np.where(skill_history[:, t] >= 0, skill_history[:, t], n_skills)
+        counts = seen[rows, column] < window
+        seen[rows, column] += counts
+        right[rows, column] += counts & (np.asarray(correct[:, t]) == 1)
+    return right[:, :n_skills] >= required

@@ -4,7 +4,8 @@ Gaps are skills of low predicted mastery that a student's target skills depend o
 prerequisite graph), ranked by how low the mastery is and by how much of the model's attention, at the
 student's latest state, falls on recent wrong answers tied to the skill. Recommendations are items whose
 predicted success lies in a target band (the zone of proximal development), never on a skill whose
-prerequisites are unmastered, each with a reason a tutor can read.
+prerequisites are unmastered (by predicted mastery, or demonstrated by the student's own recent answers),
+each with a reason a tutor can read.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import numpy as np
 import pandas as pd
 
 from apps.education.config import (
+    MASTERY_EVIDENCE,
     MASTERY_THRESHOLD,
     PREREQUISITE_THRESHOLD,
     RECENT_PRACTICE,
     TARGET_BAND,
 )
 from apps.education.graph import PrerequisiteGraph, read_prerequisite_csv
-from apps.education.recommender import SkillIndex, rank_items, recent_practice
+from apps.education.recommender import SkillIndex, mastery_evidence, rank_items, recent_practice
 from core.errors import ConfigError, InputValidationError
 
 if TYPE_CHECKING:
@@ -209,15 +211,19 @@ def recommend(
     threshold: float = MASTERY_THRESHOLD,
     gaps: Optional[list[KnowledgeGap]] = None,
     index: Optional[SkillIndex] = None,
+    prerequisite_threshold: float = PREREQUISITE_THRESHOLD,
+    evidence: Optional[tuple[int, int]] = MASTERY_EVIDENCE,
 ) -> list[Recommendation]:
     """The next `k` exercises for a student.
 
     Candidates are items with predicted success inside `band` whose skill has every prerequisite
-    mastered (predicted mastery >= `PREREQUISITE_THRESHOLD`, at least `threshold`). Gap skills come
-    first, then other skills tied to the gaps' targets, then the rest; within each, skills practised
-    less in the last answers, the most urgent gap or least mastered skill, and items closest to the
-    band's centre; at most two items per skill, and the student's last item is not repeated. Fewer than
-    `k` come back when fewer items qualify (`recommender.rank_items` holds the rule).
+    mastered: predicted mastery >= `prerequisite_threshold` (at least `threshold`), or demonstrated by
+    the student (`evidence`: N of their last M answers on it correct). Gap skills not yet demonstrated
+    come first, then other skills tied to the gaps' targets, then demonstrated skills, then the rest;
+    within each, skills practised less in the last answers, the most urgent gap or least mastered skill,
+    and items closest to the band's centre; at most two items per skill, and the student's last item is
+    not repeated. Fewer than `k` come back when fewer items qualify (`recommender.rank_items` holds the
+    rule).
 
     Args:
         tracer: The fitted model.
@@ -228,12 +234,14 @@ def recommend(
         threshold: Mastery below which a skill is a gap; prerequisites need at least this.
         gaps: Precomputed `knowledge_gaps` (computed when None).
         index: `SkillIndex.build(tracer, graph)`, to reuse across students (built when None).
+        prerequisite_threshold: Predicted mastery that makes a prerequisite count as mastered.
+        evidence: (N, M) of the N-of-M rule; None: predicted mastery alone decides.
 
     Returns:
         Up to `k` recommendations, best first.
 
     Raises:
-        ConfigError: `k < 1` or an invalid band.
+        ConfigError: `k < 1`, an invalid band, or an invalid `evidence`.
     """
     if k < 1:
         raise ConfigError(f"k must be at least 1; got {k}.")
@@ -250,7 +258,17 @@ def recommend(
     targets = np.zeros(mastery.shape, dtype=bool)
     blocked = index.skills.get_indexer([t for g in gaps for t in g.blocks])
     targets[0, blocked[blocked >= 0]] = True
-    answered = state.history["skill_id"].astype(str).str.split("|").str[0].tail(RECENT_PRACTICE)
+    # Each answer counts for its first skill, as in the recent-practice count.
+    answered = index.skills.get_indexer(state.history["skill_id"].astype(str).str.split("|").str[0])[None]
+    demonstrated = None
+    if evidence is not None:
+        demonstrated = mastery_evidence(
+            answered,
+            state.history["correct"].to_numpy(dtype=np.int64)[None],
+            len(index.skills),
+            required=evidence[0],
+            window=evidence[1],
+        )
     item_p = state.item_p.reindex(index.items).to_numpy(dtype=np.float64)  # (I,)
     chosen = rank_items(
         item_p[None],
@@ -258,12 +276,14 @@ def recommend(
         index,
         gaps=urgency,
         band=band,
-        prerequisite_threshold=max(threshold, PREREQUISITE_THRESHOLD),
+        prerequisite_threshold=max(threshold, prerequisite_threshold),
         k=k,
         last_item=np.array([last]),
         relevant=index.relevant(targets) if targets.any() else None,
-        recent=recent_practice(index.skills.get_indexer(answered)[None], len(index.skills), RECENT_PRACTICE),
+        recent=recent_practice(answered[:, -RECENT_PRACTICE:], len(index.skills), RECENT_PRACTICE),
+        demonstrated=demonstrated,
     )[0]
+    shown = set(index.skills[demonstrated[0]]) if demonstrated is not None else set()
     return [
         _recommendation(
             tracer,
@@ -274,6 +294,8 @@ def recommend(
             graph,
             gaps,
             band,
+            shown,
+            evidence,
         )
         for i in chosen[chosen >= 0]
     ]
@@ -288,17 +310,22 @@ def _recommendation(
     graph: Optional[PrerequisiteGraph],
     gaps: list[KnowledgeGap],
     band: tuple[float, float],
+    shown: set[str],
+    evidence: Optional[tuple[int, int]],
 ) -> Recommendation:
     name = _name(tracer, skill)
     value = float(state.mastery[skill])
     gap = next((g for g in gaps if g.skill_id == skill), None)
+    proof = f"{evidence[0]} of the last {evidence[1]} answers on it correct" if evidence else ""
     parts = [f"predicted success {_pct(p)} (target {_pct(band[0])}-{_pct(band[1])})"]
-    if gap is not None:
+    if gap is not None and skill not in shown:
         blocked = [t for t in gap.blocks if t != skill]
         parts.append(
             f"closes a gap in {name} (mastery {_pct(value)})"
             + (f" that blocks {', '.join(_name(tracer, t) for t in blocked[:2])}" if blocked else "")
         )
+    elif skill in shown:
+        parts.append(f"reinforces {name} (mastery {_pct(value)}; at least {proof})")
     else:
         parts.append(f"practises {name} (mastery {_pct(value)})")
     prerequisites = graph.prerequisites(skill) if graph is not None and skill in graph else []
@@ -306,7 +333,9 @@ def _recommendation(
         parts.append(
             "prerequisites mastered: "
             + ", ".join(
-                f"{_name(tracer, s)} {_pct(float(state.mastery.get(s, 0.0)))}" for s in prerequisites[:3]
+                f"{_name(tracer, s)} {_pct(float(state.mastery.get(s, 0.0)))}"
+                + (f" (at least {proof})" if s in shown else "")
+                for s in prerequisites[:3]
             )
         )
     reason = "; ".join(parts)

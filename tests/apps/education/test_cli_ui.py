@@ -84,12 +84,19 @@ def test_generate_train_evaluate_predict_recommend(runner, tmp_path):
             str(data / "prerequisites.csv"),
             "--k",
             "3",
+            "--band",
+            "0.3",
+            "0.95",
             "--json",
         ],
     )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["student"] == "learner_00001" and len(payload["recommendations"]) <= 3
+    assert all(0.3 <= r["p_correct"] <= 0.95 for r in payload["recommendations"])
+    bad = ["education", "recommend", "--model", str(model), "--data", csv, "--student", "learner_00001"]
+    result = runner.invoke(app, [*bad, "--band", "0.9", "0.2"])
+    assert result.exit_code == 1 and "band" in result.stderr
 
     result = runner.invoke(
         app, ["education", "recommend", "--model", str(model), "--data", csv, "--student", "nobody"]

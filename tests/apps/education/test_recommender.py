@@ -7,7 +7,13 @@ import pandas as pd
 import pytest
 
 from apps.education.graph import PrerequisiteGraph
-from apps.education.recommender import SkillIndex, gap_scores, rank_items, recent_practice
+from apps.education.recommender import (
+    SkillIndex,
+    gap_scores,
+    mastery_evidence,
+    rank_items,
+    recent_practice,
+)
 from core.errors import ConfigError, InputValidationError
 
 # Skills a -> b -> c (a chain) and d (independent); two items per skill: a/1 a/2 b/1 b/2 c/1 c/2 d/1 d/2.
@@ -86,6 +92,48 @@ def test_at_most_two_items_per_skill_and_rows_are_independent(index):
         skills = [ITEMS[i][0] for i in row if i >= 0]
         assert max(skills.count(s) for s in set(skills)) <= 2
     assert len([i for i in chosen[0] if i >= 0]) == 8 and ITEMS[chosen[1, 0]][0] == "b"
+
+
+def test_mastery_evidence_counts_the_latest_answers_on_each_skill():
+    skills = np.array([[0, 0, 1, 0, 0, 0, -1], [1, 1, 1, 1, -1, -1, -1]])
+    correct = np.array([[1, 1, 1, 0, 1, 1, 1], [0, 1, 1, 1, 0, 0, 0]])
+    # Student 0, skill a: the last five answers on it are 1 1 0 1 1 (4 right); the last three 0 1 1 (2 right).
+    assert mastery_evidence(skills, correct, 2, required=3, window=5).tolist() == [
+        [True, False],
+        [False, True],
+    ]
+    assert mastery_evidence(skills, correct, 2, required=3, window=3).tolist() == [
+        [False, False],
+        [False, True],
+    ]
+    with pytest.raises(ConfigError, match="required <= window"):
+        mastery_evidence(skills, correct, 2, required=4, window=3)
+    with pytest.raises(InputValidationError, match="same shape"):
+        mastery_evidence(skills, correct[:, :3], 2, required=1, window=3)
+
+
+def test_a_demonstrated_prerequisite_unlocks_its_skill(index):
+    item_p = [0.7] * 8
+    mastery = [0.9, 0.6, 0.3, 0.9]  # b below the prerequisite threshold, so c is locked ...
+    locked = _rank(index, item_p, mastery, [0, 0, 1, 0], k=8)[0]
+    assert "c" not in {ITEMS[i][0] for i in locked if i >= 0}
+    shown = np.array([[False, True, False, False]])  # ... until the student demonstrates b
+    unlocked = _rank(index, item_p, mastery, [0, 0, 1, 0], k=8, demonstrated=shown)[0]
+    assert "c" in {ITEMS[i][0] for i in unlocked if i >= 0}
+
+
+def test_demonstrated_skills_rank_after_the_other_target_skills(index):
+    item_p = [0.7] * 8
+    mastery = [0.9, 0.5, 0.9, 0.9]  # b is a gap of target c
+    targets = [0, 0, 1, 0]
+    relevant = index.relevant(np.array([targets], dtype=bool))
+    first = _rank(index, item_p, mastery, targets, relevant=relevant, k=1)[0, 0]
+    assert ITEMS[first][0] == "b"
+    shown = np.array([[False, True, False, False]])  # b answered right 3 times of the last 5: a reinforcement
+    again = _rank(index, item_p, mastery, targets, relevant=relevant, demonstrated=shown, k=1)[0, 0]
+    assert ITEMS[again][0] in {"a", "c"}
+    with pytest.raises(InputValidationError, match="demonstrated"):
+        _rank(index, item_p, mastery, targets, demonstrated=shown[:, :3])
 
 
 def test_invalid_arguments_are_rejected(index):

@@ -22,26 +22,53 @@ def world_state(trained_world):
     return tracer, graph, tracer.student_state(trained_world.test, user)
 
 
+def _demonstrated(state, required: int = 3, window: int = 5) -> set[str]:
+    """Skills with at least `required` of the student's last `window` answers on them correct."""
+    history = state.history.assign(skill=state.history["skill_id"].astype(str).str.split("|").str[0])
+    last = history.groupby("skill", sort=False)["correct"].apply(lambda c: int(c.tail(window).sum()))
+    return set(last[last >= required].index)
+
+
 def test_recommendations_stay_in_the_band_and_respect_prerequisites(world_state):
     tracer, graph, state = world_state
     band = (0.5, 0.9)
     recs = recommend(tracer, state, graph, k=5, band=band)
     assert recs, "expected at least one exercise in a wide band"
+    shown = _demonstrated(state)
     for rec in recs:
         assert band[0] <= rec.p_correct <= band[1]
-        assert all(state.mastery[p] >= 0.7 for p in graph.prerequisites(rec.skill_id))
+        assert all(state.mastery[p] >= 0.8 or p in shown for p in graph.prerequisites(rec.skill_id))
         assert rec.reason and "predicted success" in rec.reason.lower()
+
+
+def test_a_prerequisite_the_student_demonstrated_unlocks_its_skill_and_the_reason_says_so(world_state):
+    tracer, graph, state = world_state
+    skill = next(s for s in graph.skills if len(graph.prerequisites(s)) == 1)
+    prerequisite = graph.prerequisites(skill)[0]
+    item = str(tracer.skill_of_item()[lambda s: s == prerequisite].index[0])
+    # Mastery below the prerequisite threshold, but the last three answers are right on the prerequisite.
+    mastery = pd.Series(0.9, index=state.mastery.index)
+    mastery[prerequisite] = 0.6
+    history = state.history.tail(3).assign(item_id=item, skill_id=prerequisite, correct=1)
+    item_p = pd.Series(0.7, index=state.item_p.index)
+    shown = replace(state, item_p=item_p, mastery=mastery, history=history)
+    recs = recommend(tracer, shown, graph, k=50)
+    unlocked = [r for r in recs if r.skill_id == skill]
+    assert unlocked and "3 of the last 5 answers on it correct" in unlocked[0].reason
+    blind = recommend(tracer, shown, graph, k=50, evidence=None)
+    assert skill not in {r.skill_id for r in blind}
 
 
 def test_a_skill_with_an_unmastered_prerequisite_is_never_recommended(world_state):
     tracer, graph, state = world_state
     skill = next(s for s in graph.skills if graph.prerequisites(s))
     prerequisite = graph.prerequisites(skill)[0]
-    # Every item predicted in the band, the prerequisite unmastered, everything else mastered.
+    # Every item predicted in the band, the prerequisite unmastered (and never answered right, so not
+    # demonstrated either), everything else mastered.
     item_p = pd.Series(0.7, index=state.item_p.index)
     mastery = pd.Series(0.9, index=state.mastery.index)
     mastery[prerequisite] = 0.3
-    forced = replace(state, item_p=item_p, mastery=mastery)
+    forced = replace(state, item_p=item_p, mastery=mastery, history=state.history.assign(correct=0))
     recs = recommend(tracer, forced, graph, k=50, band=(0.6, 0.8))
     assert recs
     assert all(prerequisite not in graph.prerequisites(r.skill_id) for r in recs)
