@@ -286,6 +286,8 @@ class RoundRobinDataset(Dataset):
         batch_sizes: task name -> examples per batch.
         seed: seeds the shuffles (and `set_epoch` reshuffles reproducibly).
         interleave: one task per item instead of one batch of every task.
+        transforms: task name -> applied to each of that task's examples when read (training-time
+            augmentation, as `core.train.ExampleDataset`'s `transform`).
 
     Raises:
         InputValidationError: no tasks, a task without examples, or a missing / non-positive batch size.
@@ -297,6 +299,7 @@ class RoundRobinDataset(Dataset):
         batch_sizes: Mapping[str, int],
         seed: int = 0,
         interleave: bool = False,
+        transforms: Mapping[str, Callable[[Mapping[str, Any]], Mapping[str, Any]]] | None = None,
     ) -> None:
         if not task_examples:
             raise InputValidationError("RoundRobinDataset: no tasks")
@@ -312,6 +315,7 @@ class RoundRobinDataset(Dataset):
         self.batch_sizes = dict(batch_sizes)
         self.seed = seed
         self.interleave = interleave
+        self.transforms = dict(transforms or {})
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -337,7 +341,9 @@ class RoundRobinDataset(Dataset):
         for name in names:
             batches = self._batches[name]
             chosen = batches[index % len(batches)]
-            item[name] = [self.task_examples[name][i] for i in chosen]
+            examples = [self.task_examples[name][i] for i in chosen]
+            transform = self.transforms.get(name)
+            item[name] = examples if transform is None else [transform(e) for e in examples]
         return item
 
 

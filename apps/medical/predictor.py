@@ -193,7 +193,7 @@ class Diagnoser:
             logging_steps=max(1, len(cases) // self.batch_size),
         )
         with tempfile.TemporaryDirectory(prefix="medical-train-") as work:
-            transform = MirrorVolume(self.seed) if self.augment else None
+            transform = self.training_transform()
             pretrain = None
             if self.pretrain_epochs > 0:
                 pretrain = ExampleDataset(plan.pretrain_examples, transform)
@@ -209,6 +209,11 @@ class Diagnoser:
                 seed=self.seed,
             )
         return self.finish_fit(model, plan, training_metrics)
+
+    def training_transform(self) -> MirrorVolume | None:
+        """The augmentation `fit` applies to training examples (None when `augment` is off); another trainer
+        of this model (the suite's) applies the same."""
+        return MirrorVolume(self.seed) if self.augment else None
 
     def prepare_fit(
         self, cases: Sequence[MedicalCase], config_overrides: Mapping[str, Any] | None = None

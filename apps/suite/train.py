@@ -47,6 +47,12 @@ class AppRun:
     batch_size: int
     metrics: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def transform(self) -> Any:
+        """The training augmentation the app's own `fit` applies (None: none)."""
+        make = getattr(self.predictor, "training_transform", None)
+        return make() if make is not None else None
+
 
 @dataclass(frozen=True)
 class SuiteSettings:
@@ -306,6 +312,7 @@ def train_suite(
         disable_tqdm=not settings.show_progress,
     )
     training: dict[str, dict[str, float]] = {}
+    transforms = {n: r.transform for n, r in runs.items() if r.transform is not None}
     with tempfile.TemporaryDirectory(prefix="suite-train-") as work:
         if settings.pretrain_epochs > 0:
             set_seed(settings.seed)
@@ -314,6 +321,7 @@ def train_suite(
                 batch_sizes,
                 seed=settings.seed,
                 interleave=settings.interleave,
+                transforms=transforms,
             )
             collator = RoundCollator({n: MaskedFieldCollator(seed=settings.seed) for n in names})
             pretrain_steps = (
@@ -332,6 +340,7 @@ def train_suite(
             batch_sizes,
             seed=settings.seed,
             interleave=settings.interleave,
+            transforms=transforms,
         )
         collator = RoundCollator({n: TaskCollator() for n in names})
         args = default_training_args(Path(work) / "task", epochs=settings.epochs, **common)
@@ -455,7 +464,10 @@ def _finish_stage(
     # Another shuffle than the joint stage's first batches (which this app's batches started with).
     seed = settings.seed + 1 + domain_id
     dataset = RoundRobinDataset(
-        {name: _tagged(run.plan.task_examples, domain_id)}, {name: run.batch_size}, seed=seed
+        {name: _tagged(run.plan.task_examples, domain_id)},
+        {name: run.batch_size},
+        seed=seed,
+        transforms={name: run.transform} if run.transform is not None else None,
     )
     common = {**common, "max_steps": settings.finish_steps}
     args = default_training_args(work / f"finish-{name}", epochs=settings.epochs, **common)

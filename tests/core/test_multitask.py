@@ -120,3 +120,15 @@ def test_exported_task_model_equals_the_task_inside_the_trunk(rng):
     assert all(int(m.domain_expert_counts.sum()) > 0 for m in exported.moe_layers())
     with pytest.raises(ConfigError, match="domain_id 5"):
         export_task_model(models["two"], task_config, domain_id=5)
+
+
+def test_a_task_transform_applies_to_that_task_only_and_leaves_the_stored_examples():
+    examples = {"a": [{"x": np.float32(i)} for i in range(4)], "b": [{"x": np.float32(i)} for i in range(4)]}
+    dataset = RoundRobinDataset(
+        examples, {"a": 2, "b": 2}, seed=0, transforms={"a": lambda e: {**e, "x": e["x"] + 100}}
+    )
+    for index in range(len(dataset)):
+        item = dataset[index]
+        assert all(e["x"] >= 100 for e in item["a"])
+        assert all(e["x"] < 100 for e in item["b"])
+    assert [e["x"] for e in examples["a"]] == [0, 1, 2, 3]
