@@ -334,24 +334,21 @@ def figures(results: dict[str, Any]) -> list[str]:
             + f" ({'met' if min(b1['int8'], b1['pruned_int8']) >= 3 else 'not met'}); b64 "
             + ", ".join(f"{k} {v:.2f}x" for k, v in b64.items())
             + f" ({'met' if min(b64['int8'], b64['pruned_int8']) >= 3 else 'not met'})"
-            + (
-                "; fastest-run ratios b1 "
-                + ", ".join(f"{k} {v['latency']['batch_1']['speedup_best']:.2f}x" for k, v in rows.items())
-                + ", b64 "
-                + ", ".join(f"{k} {v['latency']['batch_64']['speedup_best']:.2f}x" for k, v in rows.items())
-                if all("speedup_best" in v["latency"]["batch_1"] for v in rows.values())
-                else ""
-            )
-            + (
-                "; thread-CPU-time ratios b1 "
-                + ", ".join(f"{k} {v['latency']['batch_1']['speedup_cpu']:.2f}x" for k, v in rows.items())
-                + ", b64 "
-                + ", ".join(f"{k} {v['latency']['batch_64']['speedup_cpu']:.2f}x" for k, v in rows.items())
-                if all("speedup_cpu" in v["latency"]["batch_1"] for v in rows.values())
-                else ""
-            )
+            + _ratios_text(rows, "speedup_best", "fastest-run")
+            + _ratios_text(rows, "speedup_cpu", "thread-CPU-time")
         )
     return lines
+
+
+def _ratios_text(rows: dict, key: str, title: str) -> str:
+    """ "; TITLE ratios b1 variant Rx, ..., b64 ..." from each variant's latency `key`, or "" when absent."""
+    if not all(key in v["latency"]["batch_1"] for v in rows.values()):
+        return ""
+    parts = [
+        ", ".join(f"{k} {v['latency'][f'batch_{size}'][key]:.2f}x" for k, v in rows.items())
+        for size in (1, 64)
+    ]
+    return f"; {title} ratios b1 {parts[0]}, b64 {parts[1]}"
 
 
 def _markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
