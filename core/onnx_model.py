@@ -5,13 +5,13 @@ the numeric embedder and the block-sparse mask run their export layouts, `Period
 `DynamicAttention._gathered_mask_export`) and the heads, then rewrites the graph for ONNX Runtime's CPU
 kernels: per-field Einsums as batched MatMuls (its Einsum is slow), each MoE layer's chain of per-expert
 scatter-adds as one ScatterND (every ScatterND copies the whole output), floor divisions of `nonzero()`
-positions as plain divisions, skips no-op flattens of index vectors, and drops dead nodes. It records each weight node's torch module path in
-`onnx.json`; `quantize_int8` applies ONNX Runtime dynamic int8 (MatMul, Gemm, Conv and Gather, i.e.
-embeddings included), keeping chosen modules fp32 by path (`KEEP_FP32_DEFAULT`: MoE routers, domain priors,
-the CT volume embedder). `int8_sensitivity` measures how much quantising each module group alone changes the
-outputs; `profile_ops` reports ONNX Runtime kernel time per op type. `OnnxCoreModel` runs such a directory
-behind the `CoreModel` call signature (sessions: one intra-op thread pool, inter-op 1, sequential,
-ORT_ENABLE_ALL, denormals flushed to zero).
+positions as plain divisions, skips no-op flattens of index vectors, and drops dead nodes. It records each
+weight node's torch module path in `onnx.json`; `quantize_int8` applies ONNX Runtime dynamic int8 (MatMul,
+Gemm, Conv and Gather, i.e. embeddings included), keeping chosen modules fp32 by path (`KEEP_FP32_DEFAULT`:
+MoE routers, domain priors, the CT volume embedder). `int8_sensitivity` measures how much quantising each
+module group alone changes the outputs; `profile_ops` reports ONNX Runtime kernel time per op type.
+`OnnxCoreModel` runs such a directory behind the `CoreModel` call signature (sessions: one intra-op thread
+pool, inter-op 1, sequential, ORT_ENABLE_ALL, denormals flushed to zero).
 
 `core.train.load_checkpoint` returns it for a directory holding `model.onnx`, so the app predictors run
 compressed models unchanged: calling it with a batch's keyword arguments returns a `CoreOutput` with
@@ -282,7 +282,8 @@ def _einsum_as_matmul(graph: Any) -> int:
 
 
 def _scatter_add_chains(graph: Any) -> list[list[Any]]:
-    """Chains of ScatterND(reduction="add") nodes, each one's output the next one's data and used nowhere else."""
+    """Chains of ScatterND(reduction="add") nodes, each one's output the next one's data and used nowhere
+    else."""
     consumers: dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
@@ -363,8 +364,8 @@ def _nonnegative_floor_divides(graph: Any) -> int:
 
     The exporter writes `a // b` as `Div(a, b) - ((a < 0) != (a % b == 0 ...))` (seven nodes); the MoE export
     dispatch divides `nonzero()` positions (never negative) by `top_k` once per expert, where the plain
-    (truncating) `Div` by a positive constant is already the floor. The uses of the `Sub` output are pointed at the `Div`. Returns
-    the number of divisions simplified (the dead nodes go in `_prune_dead_nodes`).
+    (truncating) `Div` by a positive constant is already the floor. The uses of the `Sub` output are pointed
+    at the `Div`. Returns the number of divisions simplified (the dead nodes go in `_prune_dead_nodes`).
     """
     from onnx import numpy_helper
 
@@ -815,7 +816,6 @@ def profile_ops(model_dir: str | Path, feed: Mapping[str, np.ndarray], runs: int
     Returns:
         `{"total_ms": ..., "ops": {op_type: {"ms": ..., "share": ..., "nodes": ...}}}`, op types by time.
     """
-
     model_dir = Path(model_dir)
     with tempfile.TemporaryDirectory(prefix="verticals-ortprof-") as work:
         options = _session_options(1)

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from types import MappingProxyType
 
 import numpy as np
-from scipy import ndimage
 
 from core.errors import ConfigError
 
@@ -206,6 +205,8 @@ def lung_field_mask(hu: np.ndarray) -> np.ndarray:
     Returns:
         bool array of `hu`'s shape; all False when no enclosed air is found (e.g. a head CT).
     """
+    from scipy import ndimage  # only CT encoding needs it; `inspect` and the DICOM reader start faster
+
     hu = np.asarray(hu)
     if hu.ndim != 3:
         raise ConfigError(f"lung_field_mask: expected a (slices, rows, cols) volume, got shape {hu.shape}")
@@ -236,7 +237,7 @@ def stack_windows(hu: np.ndarray, presets: Sequence[str | tuple[float, float]]) 
     """
     channels, mask = [], None
     for preset in presets:
-        if isinstance(preset, str) and preset == "lung_field":
+        if isinstance(preset, str) and preset in DERIVED_CHANNELS:  # "lung_field", the only one
             mask = lung_field_mask(hu) if mask is None else mask
             channels.append(apply_window(hu, "lung") * mask)
         else:

@@ -47,9 +47,8 @@ class AppRun:
     batch_size: int
     metrics: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def transform(self) -> Any:
-        """The training augmentation the app's own `fit` applies (None: none)."""
+    def training_transform(self) -> Any:
+        """A new instance of the training augmentation the app's own `fit` applies (None: none)."""
         make = getattr(self.predictor, "training_transform", None)
         return make() if make is not None else None
 
@@ -312,7 +311,7 @@ def train_suite(
         disable_tqdm=not settings.show_progress,
     )
     training: dict[str, dict[str, float]] = {}
-    transforms = {n: r.transform for n, r in runs.items() if r.transform is not None}
+    transforms = {n: t for n, r in runs.items() if (t := r.training_transform()) is not None}
     with tempfile.TemporaryDirectory(prefix="suite-train-") as work:
         if settings.pretrain_epochs > 0:
             set_seed(settings.seed)
@@ -467,7 +466,7 @@ def _finish_stage(
         {name: _tagged(run.plan.task_examples, domain_id)},
         {name: run.batch_size},
         seed=seed,
-        transforms={name: run.transform} if run.transform is not None else None,
+        transforms={name: transform} if (transform := run.training_transform()) is not None else None,
     )
     common = {**common, "max_steps": settings.finish_steps}
     args = default_training_args(work / f"finish-{name}", epochs=settings.epochs, **common)
