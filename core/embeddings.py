@@ -211,6 +211,24 @@ def _pool_schedule(patch_size: tuple[int, ...], stages: int) -> tuple[list[tuple
     return kernels, tuple(p // d for p, d in zip(patch_size, done, strict=True))
 
 
+class VolumeConv3d(nn.Conv3d):
+    """`nn.Conv3d` that always takes oneDNN's kernel for float32 on the CPU.
+
+    For a batch of one PyTorch picks its native im2col kernel whenever ``N*C*D*H <= 20480``, a rule written
+    for 2-D images; on CT volumes that kernel is about 3x slower (measured on this project's 2-core CPU: a
+    4 x 32 x 64 x 64 volume through 16 filters, 104 ms against 34 ms). Same weights, outputs and gradients;
+    export and other devices use the parent's path.
+    """
+
+    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+        fast = volume.device.type == "cpu" and volume.dtype == torch.float32 and torch.backends.mkldnn.enabled
+        if not fast or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+            return super().forward(volume)
+        return torch.ops.aten.mkldnn_convolution(
+            volume, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups
+        )
+
+
 class ConvStem(nn.Module):
     """A small 3-D CNN from the voxels to the patch grid: three stages of two 3x3x3 convolutions with
     GroupNorm and GELU, each stage max-pooled, widths ``(w, 2w, 4w)``.
@@ -229,7 +247,7 @@ class ConvStem(nn.Module):
         for stage, kernel in enumerate(kernels):
             out = width * 2**stage
             for _ in range(2):
-                conv = nn.Conv3d(channels, out, kernel_size=3, padding=1)
+                conv = VolumeConv3d(channels, out, kernel_size=3, padding=1)
                 conv.fan_in_init = True  # see CoreModel._init_weights
                 layers += [conv, nn.GroupNorm(math.gcd(4, out), out), nn.GELU()]
                 channels = out

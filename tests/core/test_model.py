@@ -253,3 +253,21 @@ def test_modality_max_pooling_keeps_a_finding_in_one_ct_token() -> None:
     torch.testing.assert_close(model.pool(hidden, mask, n_volume=3), torch.tensor([[2.5, 2.0]]))
     no_ct = torch.tensor([[False, False, False, True, False]])  # no CT: the fields alone, no -inf leaks
     torch.testing.assert_close(model.pool(hidden, no_ct, n_volume=3), torch.tensor([[0.0, 4.0]]))
+
+
+def test_volume_conv_matches_conv3d_outputs_and_gradients_for_a_single_volume() -> None:
+    """`VolumeConv3d` forces oneDNN's kernel on the CPU; PyTorch's own choice for a batch of one differs."""
+    from core.embeddings import VolumeConv3d
+
+    torch.manual_seed(0)
+    reference = torch.nn.Conv3d(3, 8, kernel_size=3, padding=1)
+    fast = VolumeConv3d(3, 8, kernel_size=3, padding=1)
+    fast.load_state_dict(reference.state_dict())
+    volume = torch.rand(1, 3, 8, 16, 16, requires_grad=True)
+    expected, got = reference(volume), fast(volume)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), volume)
+    (got_grad,) = torch.autograd.grad(got.square().sum(), volume)
+    torch.testing.assert_close(got_grad, expected_grad, atol=1e-4, rtol=1e-4)
+    fast(volume).sum().backward()
+    assert fast.weight.grad is not None and fast.weight.grad.abs().sum() > 0

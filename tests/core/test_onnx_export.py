@@ -181,3 +181,43 @@ def test_sessions_run_with_denormals_flushed_and_leave_the_thread_mode_alone(tmp
         (flushed,) = session.run(None, {"x": tiny})
     assert not _flushing_denormals()
     assert flushed[0] == 0.0 and session.run(None, {"x": tiny})[0][0] > 0.0
+
+
+def test_ct_stem_exports_and_matches_eager(tmp_path):
+    """The CT stem's convolutions (`VolumeConv3d`, oneDNN-only in eager) export as plain ONNX Conv."""
+    config = CoreConfig(
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        ffn_size=16,
+        block_size=8,
+        dense_below=0,
+        dense_tail_layers=0,
+        n_routed_experts=2,
+        moe_top_k=1,
+        num_modalities=2,
+        volume_modality_id=1,
+        volume_patch_size=(2, 4, 4),
+        volume_channels=2,
+        volume_stem_channels=4,
+        numeric_fields=["x"],
+        num_labels=2,
+        causal=False,
+    )
+    torch.manual_seed(0)
+    model = CoreModel(config).eval()
+    rng = np.random.default_rng(0)
+    examples = [
+        {
+            "numeric": rng.normal(size=(3, 1)).astype(np.float32),
+            "volume": rng.random((2, 4, 8, 8)).astype(np.float32),
+            "volume_present": True,
+        }
+        for _ in range(2)
+    ]
+    export_onnx(model, examples, tmp_path / "fp32", with_explain=False)
+    batch = collate(examples[:1])
+    with torch.no_grad():
+        expected = model(**batch.to_dict())
+    got = OnnxCoreModel(tmp_path / "fp32")(**batch.to_dict())
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=1e-4)

@@ -17,6 +17,7 @@ from core.train import (
     default_training_args,
     fit_two_stage,
     load_checkpoint,
+    pretrain_volume_stem,
     save_checkpoint,
 )
 
@@ -126,3 +127,71 @@ def test_load_checkpoint_names_the_missing_file(tmp_path) -> None:
 def test_non_finite_metadata_is_rejected(tmp_path) -> None:
     with pytest.raises(InputValidationError, match="non-finite"):
         save_checkpoint(CoreModel(train_config()), tmp_path, {"threshold": float("nan")})
+
+
+# ---------------------------------------------------------------------- stage 0: the CT stem alone
+def stem_config(stem_channels: int = 4) -> CoreConfig:
+    return CoreConfig(
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        ffn_size=16,
+        block_size=8,
+        dense_below=0,
+        dense_tail_layers=0,
+        n_routed_experts=2,
+        moe_top_k=1,
+        num_modalities=2,
+        volume_modality_id=1,
+        volume_patch_size=(2, 4, 4),
+        volume_channels=1,
+        volume_stem_channels=stem_channels,
+        numeric_fields=["x"],
+        num_labels=2,
+        causal=False,
+    )
+
+
+def bright_cube_examples(rng: np.random.Generator, count: int) -> list[dict]:
+    """Label 1: a 2-voxel bright cube at a random place in a noisy 4 x 8 x 8 volume; label 0: noise only."""
+    out = []
+    for index in range(count):
+        volume = rng.normal(0.3, 0.05, size=(1, 4, 8, 8)).astype(np.float32)
+        label = index % 2
+        if label:
+            z, y, x = rng.integers(0, 3), rng.integers(0, 7), rng.integers(0, 7)
+            volume[0, z : z + 2, y : y + 2, x : x + 2] = 1.0
+        out.append({"numeric": np.zeros((1, 1)), "volume": volume, "volume_present": True, "labels": label})
+    return out
+
+
+def test_stage0_teaches_the_stem_a_small_bright_finding_and_freezes_it(tmp_path, rng) -> None:
+    torch.manual_seed(0)
+    model = CoreModel(stem_config())
+    stem = model.volume_embedder.stem
+    before = {name: p.detach().clone() for name, p in stem.named_parameters()}
+    train, test = bright_cube_examples(rng, 64), bright_cube_examples(rng, 40)
+    metrics = pretrain_volume_stem(
+        model, train, tmp_path, epochs=15, learning_rate=1e-2, batch_size=16, use_cpu=True, disable_tqdm=True
+    )
+    assert metrics["train_loss"] > 0
+    assert any(not torch.equal(before[name], p) for name, p in stem.named_parameters())
+    assert not any(p.requires_grad for p in stem.parameters())
+    # The stem's own features now tell the classes apart: the pooled maximum of its best channel (best
+    # AUROC 0.79 before stage 0 with this seed, 1.0 after it for three data seeds).
+    with torch.no_grad():
+        volumes = torch.stack([torch.as_tensor(e["volume"]) for e in test])
+        pooled = stem(volumes).flatten(2).amax(-1).numpy()  # (N, C)
+    labels = np.array([e["labels"] for e in test])
+    from sklearn.metrics import roc_auc_score
+
+    best = max(max(roc_auc_score(labels, c), roc_auc_score(labels, -c)) for c in pooled.T)
+    assert best > 0.97
+
+
+def test_stage0_rejects_a_model_without_stem_and_data_without_ct(tmp_path, rng) -> None:
+    with pytest.raises(ConfigError, match="no CT stem"):
+        pretrain_volume_stem(CoreModel(stem_config(0)), bright_cube_examples(rng, 4), tmp_path)
+    no_ct = [{**e, "volume_present": False} for e in bright_cube_examples(rng, 4)]
+    with pytest.raises(InputValidationError, match="no training example has a CT"):
+        pretrain_volume_stem(CoreModel(stem_config()), no_ct, tmp_path)
