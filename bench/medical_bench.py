@@ -73,6 +73,35 @@ def _record_only(cases):
     return [replace(c, volume=None) for c in cases]
 
 
+_VIEWS = {"fusion": (lambda c: c), "image_only": _image_only, "record_only": _record_only}
+
+
+def _fit_variant(name: str, preset: str, settings: dict, work: str, model_dir: str | None = None):
+    """Train one variant on ``work/train`` and score it on ``work/test``: (metrics, diagnoser), or only the
+    metrics when `model_dir` is given (the model is saved there; a process of its own returns it that way)."""
+    view = _VIEWS[name]
+    train, test = read_cases(Path(work) / "train"), read_cases(Path(work) / "test")
+    t0 = time.perf_counter()
+    diagnoser = Diagnoser(preset, labels=list(BASE), **settings).fit(view(train))
+    fit_s = time.perf_counter() - t0
+    metrics = classification_metrics(
+        [c.label for c in test], diagnoser.predict_proba(view(test)), diagnoser.classes_
+    )
+    metrics["fit_seconds"] = fit_s
+    if model_dir is None:
+        return metrics, diagnoser
+    diagnoser.save(model_dir, metrics=metrics)
+    return metrics
+
+
+def _print_variant(name: str, metrics: dict) -> None:
+    print(
+        f"{name:>12}: macro AUROC {metrics['auroc_macro']:.4f}  accuracy {metrics['accuracy']:.3f}  "
+        f"ECE {metrics['ece']:.3f}  ({metrics['fit_seconds']:.0f}s)",
+        flush=True,
+    )
+
+
 def _interval(values) -> tuple[float, float, float]:
     values = np.asarray(values, dtype=np.float64)
     half = 1.96 * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
@@ -106,25 +135,30 @@ def phase_accuracy(args, work: Path, results: dict) -> dict:
         device=args.device,
         show_progress=False,
         config_overrides=_overrides(args),
+        stem_epochs=args.stem_epochs,
+        stem_learning_rate=args.stem_lr,
+        freeze_stem=not args.train_stem,
     )
-    variants = {"fusion": (lambda c: c), "image_only": _image_only, "record_only": _record_only}
-    variants = {name: variants[name] for name in args.variants.split(",")}
+    names = args.variants.split(",")
     table, models = {}, {}
-    for name, view in variants.items():
-        t0 = time.perf_counter()
-        diagnoser = Diagnoser(args.preset, labels=list(BASE), **settings).fit(view(train))
-        fit_s = time.perf_counter() - t0
-        metrics = classification_metrics(
-            [c.label for c in test], diagnoser.predict_proba(view(test)), diagnoser.classes_
-        )
-        metrics["fit_seconds"] = fit_s
-        table[name] = metrics
-        models[name] = diagnoser
-        print(
-            f"{name:>12}: macro AUROC {metrics['auroc_macro']:.4f}  accuracy {metrics['accuracy']:.3f}  "
-            f"ECE {metrics['ece']:.3f}  ({fit_s:.0f}s)",
-            flush=True,
-        )
+    if args.variant_jobs > 1:  # each variant in its own process (a GPU fits several); same settings
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        model_dirs = {name: work / "models" / name for name in names}
+        with ProcessPoolExecutor(args.variant_jobs, mp_context=get_context("spawn")) as pool:
+            futures = {
+                name: pool.submit(_fit_variant, name, args.preset, settings, str(work), str(model_dirs[name]))
+                for name in names
+            }
+            for name in names:
+                table[name] = futures[name].result()
+                _print_variant(name, table[name])
+        models = {name: Diagnoser.load(model_dirs[name], device=args.device) for name in names}
+    else:
+        for name in names:
+            table[name], models[name] = _fit_variant(name, args.preset, settings, str(work))
+            _print_variant(name, table[name])
     state = {"fusion": models.get("fusion"), "train": train, "test": test, "rare": read_cases(work / "rare")}
     if len(table) < 3:
         print("not every variant trained: the accuracy figures are not recorded", flush=True)
@@ -296,11 +330,19 @@ def phase_latency(args, work: Path, results: dict) -> None:
         generate(
             work / "lat_train", 16, args.seed, shape=(16, 48, 48), labels=[BASE[i % 5] for i in range(16)]
         )
-        Diagnoser(args.preset, epochs=1, pretrain_epochs=0, show_progress=False).fit(
-            read_cases(work / "lat_train")
-        ).save(work / "lat_model")
+        Diagnoser(
+            args.preset,
+            epochs=1,
+            pretrain_epochs=0,
+            stem_epochs=1,
+            show_progress=False,
+            config_overrides=_overrides(args),
+        ).fit(read_cases(work / "lat_train")).save(work / "lat_model")
         model_dir = work / "lat_model"
-        source = "untrained (1 epoch on 16 cases; weights do not change the cost)"
+        overrides = _override_text({"config_overrides": _overrides(args)})
+        source = (
+            f"untrained {args.preset} preset{overrides} (1 epoch on 16 cases; weights do not change the cost)"
+        )
     generate(work / "lat", 1, args.seed, shape=(64, 512, 512), labels=[BASE[2]])
     series, record = work / "lat" / "case_0000" / "ct", work / "lat" / "case_0000" / "record.json"
 
@@ -458,6 +500,16 @@ def main() -> None:
         help="accuracy: classifier pooling instead of the preset's",
     )
     parser.add_argument(
+        "--stem-epochs", type=float, default=30.0, help="stage 0: the CT stem trained alone (with a stem)"
+    )
+    parser.add_argument("--stem-lr", type=float, default=3e-4, help="stage 0 peak learning rate")
+    parser.add_argument(
+        "--train-stem", action="store_true", help="keep training the stem after stage 0 (default: frozen)"
+    )
+    parser.add_argument(
+        "--variant-jobs", type=int, default=1, help="accuracy: train the variants in this many processes"
+    )
+    parser.add_argument(
         "--variants",
         default="fusion,image_only,record_only",
         help="accuracy: which of fusion,image_only,record_only to train (exploration; the figure needs all)",
@@ -484,20 +536,27 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "medical_bench.json"
     results = json.loads(json_path.read_text()) if json_path.is_file() else {}
+
+    def save() -> str:  # after each phase, so a run stopped later keeps what it measured
+        json_path.write_text(json.dumps(results, indent=2))
+        markdown = write_markdown(results)
+        (args.out / "medical_bench.md").write_text(markdown)
+        return markdown
+
     with tempfile.TemporaryDirectory(prefix="medical-bench-") as tmp:
         work = Path(tmp)
         if "accuracy" in phases or "fewshot" in phases:
             state = phase_accuracy(args, work, results)
+            save()
             if "fewshot" in phases:
                 phase_fewshot(args, state, results)
+                save()
         if "design" in phases:
             phase_design(args, results)
+            save()
         if "latency" in phases:
             phase_latency(args, work, results)
-    json_path.write_text(json.dumps(results, indent=2))
-    markdown = write_markdown(results)
-    (args.out / "medical_bench.md").write_text(markdown)
-    print(markdown)
+    print(save())
 
 
 if __name__ == "__main__":

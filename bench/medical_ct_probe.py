@@ -8,8 +8,13 @@ channels), and trains a small CNN (three stages of two 3x3x3 convolutions with G
 pooling) to predict the *pattern* (none, solid nodule, spiculated mass, ground glass, cavity, miliary) for
 several training-set sizes, reporting macro one-vs-rest AUROC and lesion-vs-none AUROC on held-out cases.
 
+With ``--target diagnosis`` it predicts the diagnosis instead (what the Diagnoser's stage 0 learns from),
+``--pool maxmean`` pools as stage 0 does, ``--seeds`` repeats each size with other initialisations (whether
+a run leaves the plateau varies with them).
+
 Usage:
     python bench/medical_ct_probe.py --device cuda --cases 3000 --sizes 400,1200,2400 --epochs 30
+    python bench/medical_ct_probe.py --device cuda --cases 1800 --sizes 1200 --target diagnosis --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -32,21 +37,30 @@ sys.path.insert(0, str(ROOT))
 
 from apps.medical.config import grid_for  # noqa: E402
 from apps.medical.imaging import stack_windows  # noqa: E402
-from apps.medical.synthetic import PATTERNS, make_case  # noqa: E402
+from apps.medical.synthetic import LABELS, PATTERNS, make_case  # noqa: E402
 
 SEED = 7
 
 
-def _case(index: int, windows: tuple[str, ...]) -> tuple[np.ndarray, int]:
+def _case(index: int, windows: tuple[str, ...]) -> tuple[np.ndarray, int, int]:
     torch.set_num_threads(1)
     grid = grid_for("small")
     case = make_case(index, SEED)
     hu = torch.as_tensor(case.hu)[None, None]
     resampled = F.interpolate(hu, size=grid.shape, mode="trilinear", align_corners=True)[0, 0].numpy()
-    return stack_windows(resampled, windows).astype(np.float16), PATTERNS.index(case.pattern)
+    volume = stack_windows(resampled, windows).astype(np.float16)
+    return volume, PATTERNS.index(case.pattern), LABELS.index(case.label)
 
 
-def _cnn(width: int, channels: int) -> nn.Sequential:
+class _MaxMean(nn.Module):
+    """Global max and mean of each channel, concatenated (the Diagnoser's stage-0 pooling)."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        flat = features.flatten(2)
+        return torch.cat([flat.amax(-1), flat.mean(-1)], dim=-1)
+
+
+def _cnn(width: int, channels: int, classes: int, pool: str = "max") -> nn.Sequential:
     def stage(cin: int, cout: int) -> list[nn.Module]:
         return [
             nn.Conv3d(cin, cout, 3, padding=1),
@@ -63,9 +77,8 @@ def _cnn(width: int, channels: int) -> nn.Sequential:
         *stage(width, 2 * width),
         nn.MaxPool3d(2),
         *stage(2 * width, 4 * width),
-        nn.AdaptiveMaxPool3d(1),
-        nn.Flatten(),
-        nn.Linear(4 * width, len(PATTERNS)),
+        *([nn.AdaptiveMaxPool3d(1), nn.Flatten()] if pool == "max" else [_MaxMean()]),
+        nn.Linear(4 * width * (1 if pool == "max" else 2), classes),
     )
 
 
@@ -81,14 +94,24 @@ def _scores(model: nn.Module, volumes: torch.Tensor, device: str) -> np.ndarray:
         )
 
 
-def probe(volumes: torch.Tensor, patterns: torch.Tensor, n_train: int, n_test: int, args) -> dict:
+def probe(
+    volumes: torch.Tensor,
+    targets: torch.Tensor,
+    patterns: torch.Tensor,
+    n_train: int,
+    n_test: int,
+    args,
+    seed=0,
+) -> dict:
     from sklearn.metrics import roc_auc_score
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     device = args.device
-    train_x, train_y = volumes[:n_train].to(device), patterns[:n_train].to(device)
-    test_x, test_y = volumes[-n_test:].to(device), patterns[-n_test:].numpy()
-    model = _cnn(args.width, train_x.shape[1]).to(device)
+    names = PATTERNS if args.target == "pattern" else LABELS
+    train_x, train_y = volumes[:n_train].to(device), targets[:n_train].to(device)
+    test_x, test_y = volumes[-n_test:].to(device), targets[-n_test:].numpy()
+    test_pattern = patterns[-n_test:].numpy()
+    model = _cnn(args.width, train_x.shape[1], len(names), args.pool).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     steps = args.epochs * ((n_train + args.batch_size - 1) // args.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=steps)
@@ -110,22 +133,23 @@ def probe(volumes: torch.Tensor, patterns: torch.Tensor, n_train: int, n_test: i
             schedule.step()
         if (epoch + 1) % 5 == 0 or epoch + 1 == args.epochs:
             scores = _scores(model, test_x, device)
-            per_pattern = {
-                PATTERNS[k]: float(roc_auc_score(test_y == k, scores[:, k]))
-                for k in range(len(PATTERNS))
+            per_class = {
+                names[k]: float(roc_auc_score(test_y == k, scores[:, k]))
+                for k in range(len(names))
                 if 0 < (test_y == k).sum() < len(test_y)
             }
+            # Class 0 is "none" (pattern) or "normal" (diagnosis): both mean no lesion.
             history.append(
                 {
                     "epoch": epoch + 1,
                     "train_loss": loss.item(),
-                    "macro_auroc": float(np.mean(list(per_pattern.values()))),
-                    "lesion_vs_none_auroc": float(roc_auc_score(test_y != 0, 1.0 - scores[:, 0])),
-                    "per_pattern": per_pattern,
+                    "macro_auroc": float(np.mean(list(per_class.values()))),
+                    "lesion_vs_none_auroc": float(roc_auc_score(test_pattern != 0, 1.0 - scores[:, 0])),
+                    "per_class": per_class,
                 }
             )
-            print(f"train {n_train}: epoch {epoch + 1} {json.dumps(history[-1])}", flush=True)
-    return {"train_cases": n_train, "seconds": time.perf_counter() - start, "history": history}
+            print(f"train {n_train} seed {seed}: epoch {epoch + 1} {json.dumps(history[-1])}", flush=True)
+    return {"train_cases": n_train, "seed": seed, "seconds": time.perf_counter() - start, "history": history}
 
 
 def main() -> None:
@@ -143,6 +167,11 @@ def main() -> None:
         default=",".join(grid_for("small").windows),
         help="input channels: window presets and derived channels (default: the small grid's)",
     )
+    parser.add_argument(
+        "--target", choices=("pattern", "diagnosis"), default="pattern", help="what the CNN predicts"
+    )
+    parser.add_argument("--pool", choices=("max", "maxmean"), default="max", help="global pooling")
+    parser.add_argument("--seeds", default="0", help="initialisation seeds, comma-separated (one run each)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
@@ -155,26 +184,35 @@ def main() -> None:
         rows = list(pool.map(partial(_case, windows=windows), range(args.cases), chunksize=16))
     print(f"generated {args.cases} cases in {time.perf_counter() - start:.0f}s", flush=True)
     volumes = torch.tensor(np.stack([r[0] for r in rows]))
-    patterns = torch.tensor([r[1] for r in rows])
-    runs = [probe(volumes, patterns, size, args.test, args) for size in sizes]
+    patterns, labels = torch.tensor([r[1] for r in rows]), torch.tensor([r[2] for r in rows])
+    targets = patterns if args.target == "pattern" else labels
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs = [
+        probe(volumes, targets, patterns, size, args.test, args, seed) for size in sizes for seed in seeds
+    ]
     report = {
         "device": args.device,
         "cases": args.cases,
         "test_cases": args.test,
         "epochs": args.epochs,
+        "lr": args.lr,
+        "target": args.target,
+        "pool": args.pool,
         "windows": args.windows.split(","),
         "runs": runs,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "medical_ct_probe.json").write_text(json.dumps(report, indent=2))
     lines = [
-        "| training cases | macro AUROC (pattern) | lesion vs none AUROC | best epoch's macro | seconds |",
-        "|---|---|---|---|---|",
+        f"Target {args.target}, pool {args.pool}, lr {args.lr}, {args.epochs} epochs, {args.test} held-out cases.",
+        "",
+        "| training cases | seed | macro AUROC | lesion vs none AUROC | best epoch's macro | seconds |",
+        "|---|---|---|---|---|---|",
     ]
     for run in runs:
         last, best = run["history"][-1], max(h["macro_auroc"] for h in run["history"])
         lines.append(
-            f"| {run['train_cases']} | {last['macro_auroc']:.3f} | {last['lesion_vs_none_auroc']:.3f} | "
+            f"| {run['train_cases']} | {run['seed']} | {last['macro_auroc']:.3f} | {last['lesion_vs_none_auroc']:.3f} | "
             f"{best:.3f} | {run['seconds']:.0f} |"
         )
     (args.out / "medical_ct_probe.md").write_text("\n".join(lines) + "\n")

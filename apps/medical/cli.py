@@ -127,7 +127,7 @@ def train(
     ctx: typer.Context,
     data: Annotated[Path, typer.Option("--data", help="Folder with cases.csv.")],
     out: Annotated[Path, typer.Option("--out", help="Model directory to write.")],
-    preset: Annotated[str, typer.Option(help="Model preset: small or tiny.")] = "small",
+    preset: Annotated[str, typer.Option(help="Model preset: small, cnn (CT stem; GPU, >= ~1,000 cases) or tiny.")] = "small",
     epochs: Annotated[float, typer.Option(help="Classification epochs.")] = 8.0,
     pretrain_epochs: Annotated[
         float, typer.Option(help="Masked-field pretraining epochs; 0 skips it.")

@@ -48,6 +48,7 @@ from core.train import (
     fingerprint,
     fit_two_stage,
     load_checkpoint,
+    pretrain_volume_stem,
     save_checkpoint,
 )
 
@@ -138,6 +139,10 @@ class Diagnoser:
         config_overrides: `CoreConfig` fields replacing the preset's (e.g. ``{"volume_stem_channels": 16}``).
         augment: during training, mirror each CT left-right with probability 0.5 each time it is read
             (a lesion may lie in either lung; with a few hundred cases this doubles what the CT side sees).
+        stem_epochs: with a CT stem (``volume_stem_channels`` > 0), epochs of stage 0, the stem trained
+            alone as an image-only classifier (`core.train.pretrain_volume_stem`); 0 skips it.
+        stem_learning_rate: peak learning rate of stage 0.
+        freeze_stem: keep the stem as stage 0 left it during stages 1 and 2.
     """
 
     def __init__(
@@ -154,9 +159,15 @@ class Diagnoser:
         show_progress: bool = True,
         config_overrides: Mapping[str, Any] | None = None,
         augment: bool = True,
+        stem_epochs: float = 30.0,
+        stem_learning_rate: float = 3e-4,
+        freeze_stem: bool = True,
     ) -> None:
         self.preset = preset
         self.augment = augment
+        self.stem_epochs = stem_epochs
+        self.stem_learning_rate = stem_learning_rate
+        self.freeze_stem = freeze_stem
         self.config_overrides = dict(config_overrides or {})
         self.labels = labels
         self.epochs = epochs
@@ -194,6 +205,7 @@ class Diagnoser:
         )
         with tempfile.TemporaryDirectory(prefix="medical-train-") as work:
             transform = self.training_transform()
+            stem_metrics = self.pretrain_stem(model, plan, Path(work) / "stem")
             pretrain = None
             if self.pretrain_epochs > 0:
                 pretrain = ExampleDataset(plan.pretrain_examples, transform)
@@ -208,7 +220,35 @@ class Diagnoser:
                 task_args=default_training_args(Path(work) / "task", epochs=self.epochs, **common),
                 seed=self.seed,
             )
+        if stem_metrics is not None:
+            training_metrics = {"stem": stem_metrics, **training_metrics}
         return self.finish_fit(model, plan, training_metrics)
+
+    def pretrain_stem(
+        self, model: CoreModel, plan: TrainingPlan, work: str | Path
+    ) -> dict[str, float] | None:
+        """Stage 0 of `fit` (and of another trainer of this model, such as the suite's): the CT stem trained
+        alone on the plan's labelled cases with a CT, then frozen when `freeze_stem`.
+
+        Returns:
+            The stage's training metrics; None when the model has no CT stem, `stem_epochs` is 0 or no
+            case has a CT.
+        """
+        with_ct = any(e.get("volume_present", False) for e in plan.task_examples)
+        if model.volume_embedder.stem is None or self.stem_epochs <= 0 or not with_ct:
+            return None
+        return pretrain_volume_stem(
+            model,
+            plan.task_examples,
+            work,
+            epochs=self.stem_epochs,
+            learning_rate=self.stem_learning_rate,
+            transform=self.training_transform(),
+            freeze=self.freeze_stem,
+            seed=self.seed,
+            use_cpu=self.device == "cpu",
+            disable_tqdm=not self.show_progress,
+        )
 
     def training_transform(self) -> MirrorVolume | None:
         """The augmentation `fit` applies to training examples (None when `augment` is off); another trainer
