@@ -78,6 +78,9 @@ class CoreConfig(PretrainedConfig):
             item to predict attends (multi-head, with a learned per-head recency decay as in AKT's knowledge
             retriever) over the final states of the steps up to the current one, and the head scores
             [state, item, retrieved]. Causal models only. Off by default.
+        next_step_feature_buckets: bucket counts of extra categorical features of the item to predict
+            (e.g. an app's practice history of that item's skill, computed from earlier steps only), each
+            embedded and added to the head's item embedding; index 0 is padding. Empty: none (default).
         prototype_dim: size of the prototype (few-shot) embedding (0: no head).
         classification_loss: "ce" (cross-entropy) or "focal" for the classification heads.
         focal_gamma: focusing parameter of the focal loss.
@@ -143,6 +146,7 @@ class CoreConfig(PretrainedConfig):
         classifier_pooling: str = "mean",
         next_step_vocab: int = 0,
         next_step_retrieval: bool = False,
+        next_step_feature_buckets: Sequence[int] = (),
         prototype_dim: int = 0,
         classification_loss: str = "ce",
         focal_gamma: float = 2.0,
@@ -195,6 +199,7 @@ class CoreConfig(PretrainedConfig):
         self.classifier_pooling = classifier_pooling
         self.next_step_vocab = next_step_vocab
         self.next_step_retrieval = next_step_retrieval
+        self.next_step_feature_buckets = [int(n) for n in next_step_feature_buckets]
         self.prototype_dim = prototype_dim
         self.classification_loss = classification_loss
         self.focal_gamma = focal_gamma
@@ -396,6 +401,13 @@ class CoreConfig(PretrainedConfig):
             "next_step_retrieval",
             "a bool, True only with causal=True (a step may only read the states before it)",
             self.next_step_retrieval,
+        )
+        _expect(
+            all(n >= 2 for n in self.next_step_feature_buckets)
+            and (self.next_step_vocab > 0 or not self.next_step_feature_buckets),
+            "next_step_feature_buckets",
+            "bucket counts >= 2 (padding + at least one value), only with a next-step head",
+            self.next_step_feature_buckets,
         )
         _expect(self.prototype_dim >= 0, "prototype_dim", "an integer >= 0", self.prototype_dim)
         _expect(

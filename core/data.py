@@ -9,7 +9,8 @@ An *example* is a mapping produced by an app's encoder (`apps/<app>/encode.py`) 
 - `modality_ids`: int array (T,); `domain_ids`: int scalar (the whole example) or int array (T,)
 - `volume`: float array (C, D, H, W); `volume_present`: bool
 - targets: `labels` int scalar, `token_labels` int array (T,) (-100 ignored), `next_item_ids` int array (T,),
-  `next_labels` float array (T,) (-1 ignored)
+  `next_labels` float array (T,) (-1 ignored), `next_features` int array (T, F) of bucket ids of the next
+  item's extra features (`CoreConfig.next_step_feature_buckets`; 0 on padding)
 
 `collate` right-pads them into a `Batch` whose `attention_mask` marks real tokens.
 """
@@ -40,6 +41,7 @@ class Batch:
         modality_ids: (B, T) long. domain_ids: (B,) or (B, T) long.
         volume: (B, C, D, H, W) float; volume_present: (B,) bool.
         labels: (B,) long. token_labels: (B, T) long. next_item_ids: (B, T) long. next_labels: (B, T) float.
+        next_features: (B, T, F) long bucket ids of the next item's extra features.
         mfm_mask: (B, T) bool tokens masked for masked-field modelling.
     """
 
@@ -56,6 +58,7 @@ class Batch:
     token_labels: torch.Tensor | None = None
     next_item_ids: torch.Tensor | None = None
     next_labels: torch.Tensor | None = None
+    next_features: torch.Tensor | None = None
     mfm_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -166,4 +169,6 @@ def collate(examples: Sequence[Mapping[str, Any]], pad_to_multiple_of: int | Non
         batch.next_item_ids = _pad([e["next_item_ids"] for e in examples], length, 0, torch.long)
     if "next_labels" in keys:
         batch.next_labels = _pad([e["next_labels"] for e in examples], length, -1.0, torch.float32)
+    if "next_features" in keys:
+        batch.next_features = _pad([e["next_features"] for e in examples], length, 0, torch.long)
     return batch

@@ -70,12 +70,20 @@ class NextStepHead(nn.Module):
     """Scores the next item from the state after each step: logit = MLP([h_t, e(item_{t+1})]).
 
     With `config.next_step_retrieval`, logit = MLP([h_t, e(item_{t+1}), r_t]) where r_t is what the item
-    retrieves from the states of steps 0..t (`ItemRetrieval`).
+    retrieves from the states of steps 0..t (`ItemRetrieval`). With `config.next_step_feature_buckets`, the
+    item's embedding is e(item_{t+1}) + sum_f e_f(feature_f) (DKT-forget-style features of the item to
+    predict, computed by the app from steps 0..t).
     """
 
     def __init__(self, config: CoreConfig) -> None:
         super().__init__()
         self.item = nn.Embedding(config.next_step_vocab, config.hidden_size, padding_idx=PAD_INDEX)
+        buckets = getattr(config, "next_step_feature_buckets", [])
+        self.features = (
+            nn.ModuleList(nn.Embedding(n, config.hidden_size, padding_idx=PAD_INDEX) for n in buckets)
+            if buckets
+            else None
+        )
         self.retrieval = ItemRetrieval(config) if config.next_step_retrieval else None
         n_inputs = 3 if self.retrieval is not None else 2
         self.mlp = nn.Sequential(
@@ -91,14 +99,30 @@ class NextStepHead(nn.Module):
         memory: torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
         query_positions: torch.Tensor | None = None,
+        next_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, T, hidden) states and (B, T) next item ids -> (B, T) logits of P(correct next).
 
         The retrieval (when configured) reads `memory` (B, T_m, hidden) with `memory_mask` (B, T_m) up to
         `query_positions` (B, T); by default the states themselves, query t reading steps 0..t. Without
-        retrieval these three are ignored.
+        retrieval these three are ignored. `next_features` (B, T, F) long: bucket ids of the next item's
+        extra features, required when the head has feature embeddings, else ignored.
+
+        Raises:
+            InputValidationError: The head has feature embeddings and `next_features` is missing or has
+                the wrong number of features.
         """
-        features = [hidden_states, self.item(next_item_ids)]
+        item = self.item(next_item_ids)  # (B, T, hidden)
+        if self.features is not None:
+            if next_features is None or next_features.shape[-1] != len(self.features):
+                raise InputValidationError(
+                    f"NextStepHead: expected next_features (B, T, {len(self.features)}) "
+                    "(config.next_step_feature_buckets); got "
+                    f"{None if next_features is None else tuple(next_features.shape)}"
+                )
+            for f, table in enumerate(self.features):
+                item = item + table(next_features[..., f])  # (B, T, hidden)
+        features = [hidden_states, item]
         if self.retrieval is not None:
             if memory is None:
                 memory = hidden_states
@@ -242,6 +266,7 @@ class CoreModel(PreTrainedModel):
         token_labels: torch.Tensor | None = None,
         next_item_ids: torch.Tensor | None = None,
         next_labels: torch.Tensor | None = None,
+        next_features: torch.Tensor | None = None,
         mfm_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         **kwargs,
@@ -260,6 +285,8 @@ class CoreModel(PreTrainedModel):
             token_labels: (B, T) class ids per field token (-100 to ignore), e.g. one fraud label per transaction.
             next_item_ids: (B, T) the item answered after each step (0 where none).
             next_labels: (B, T) float 0/1 correctness of that next answer (-1 to ignore).
+            next_features: (B, T, F) long bucket ids of that next item's extra features (only read when
+                `config.next_step_feature_buckets` is set).
             mfm_mask: (B, T) bool field tokens masked for masked-field modelling (stage 1).
             output_attentions: return each layer's `AttentionTrace` with attention weights.
 
@@ -301,7 +328,10 @@ class CoreModel(PreTrainedModel):
                 losses.append(classification_loss(out["token_logits"], token_labels, self.config))
         if self.next_step is not None and next_item_ids is not None:
             out["next_step_logits"] = self.next_step(
-                field_states, next_item_ids, memory_mask=full_mask[:, n_volume:]
+                field_states,
+                next_item_ids,
+                memory_mask=full_mask[:, n_volume:],
+                next_features=next_features,
             )
             if next_labels is not None:
                 losses.append(next_step_loss(out["next_step_logits"], next_labels))

@@ -98,7 +98,12 @@ def train(
     data: DataOption,
     out: Annotated[Path, typer.Option("--out", help="Model directory to write.")],
     format: FormatOption = "canonical",
-    preset: Annotated[str, typer.Option(help="Model preset: small, retrieval or bench.")] = "small",
+    preset: Annotated[
+        str,
+        typer.Option(
+            help="Model preset: small, retrieval, practice (retrieval + per-skill practice features) or bench."
+        ),
+    ] = "small",
     epochs: Annotated[
         Optional[float], typer.Option(help="Fine-tuning epochs (default: the preset's).")
     ] = None,

@@ -12,6 +12,12 @@ bucket / the start token):
 
 plus the time since the student's previous answer (`time_delta`). The next-step head scores the item of
 the next answer (`next_step_vocab` = item vocabulary).
+
+The `practice` preset adds DKT-forget-style practice features of the item to predict (`PRACTICE_FIELDS`:
+earlier attempts on its skills, past success rate, steps since the latest attempt, whether that attempt
+was correct; `encode.practice_features`) to the next-step head (`next_step_feature_buckets`), and with
+`practice_tokens` (on in that preset) gives each history token its own answer's features as extra
+categorical fields.
 """
 
 from __future__ import annotations
@@ -26,6 +32,11 @@ FIELDS: tuple[str, ...] = ("item", "skill", "interaction", "response")
 RESPONSE_VOCAB = 4
 START_INDEX = 1
 """Every categorical field of the start token (before a student's first answer) uses this index."""
+
+PRACTICE_FIELDS: tuple[str, ...] = ("practice_attempts", "practice_success", "practice_gap", "practice_last")
+PRACTICE_BUCKETS: tuple[int, ...] = (10, 12, 10, 4)
+"""Bucket counts of the practice features (index 0 padding, 1 "never practised"): attempts 1 + log2
+buckets, success 2 + tenths of the smoothed rate, gap 2 + log2 buckets of the steps, last 2 + response."""
 
 MASTERY_THRESHOLD = 0.7
 """Predicted mastery at which a skill counts as mastered (prerequisite checks, gaps)."""
@@ -88,6 +99,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the history (`next_step_retrieval`). Chosen on the validation folds of ASSISTments 2015 and 2009
     # (bench/education_bench.py; bench/results/education_kt_ablation.md).
     "retrieval": dict(_WIDE, dropout=0.1, recency_bias=True, next_step_retrieval=True),
+    # `retrieval` plus DKT-forget-style practice features (Nagatani et al. 2019; see PRACTICE_FIELDS): those
+    # of the item to predict in the next-step head, and each history token's own as extra fields. Chosen
+    # on validation folds of ASSISTments 2015 and 2009 (bench/results/education_kt_ablation.md).
+    "practice": dict(
+        _WIDE,
+        dropout=0.1,
+        recency_bias=True,
+        next_step_retrieval=True,
+        next_step_feature_buckets=PRACTICE_BUCKETS,
+        practice_tokens=True,
+    ),
     # The benchmark model (ASSISTments).
     "bench": dict(_WIDE, dropout=0.2),
 }
@@ -97,6 +119,9 @@ TRAINING: dict[str, TrainingPreset] = {
         pretrain_epochs=1.0, task_epochs=15.0, learning_rate=3e-3, batch_size=16, maxlen=200
     ),
     "retrieval": TrainingPreset(
+        pretrain_epochs=1.0, task_epochs=8.0, learning_rate=2e-3, batch_size=16, maxlen=200
+    ),
+    "practice": TrainingPreset(
         pretrain_epochs=1.0, task_epochs=8.0, learning_rate=2e-3, batch_size=16, maxlen=200
     ),
     "bench": TrainingPreset(
@@ -113,8 +138,10 @@ def knowledge_tracing_config(
     Args:
         n_items: Item vocabulary size (incl. padding and unknown), `len(item_vocab)`.
         n_skills: Skill vocabulary size (incl. padding and unknown), `len(skill_vocab)`.
-        preset: `"small"` (demo, tests), `"retrieval"` (ASSISTments benchmark choice) or `"bench"`.
-        **overrides: Any `CoreConfig` field (e.g. `hidden_size=32` in tests).
+        preset: `"small"` (demo, tests), `"retrieval"`, `"practice"` (ASSISTments benchmark choices) or
+            `"bench"`.
+        **overrides: Any `CoreConfig` field (e.g. `hidden_size=32` in tests), or `practice_tokens=True`:
+            the tokens also carry their answer's practice features (`PRACTICE_FIELDS`).
 
     Returns:
         The config: causal attention, the four categorical fields, time gaps, a next-step head over items.
@@ -145,4 +172,9 @@ def knowledge_tracing_config(
         dense_below=512,
     )
     values.update(overrides)
+    if values.pop("practice_tokens", False):
+        values["categorical_fields"] = {
+            **values["categorical_fields"],
+            **dict(zip(PRACTICE_FIELDS, PRACTICE_BUCKETS, strict=True)),
+        }
     return CoreConfig(**values)

@@ -2,7 +2,8 @@
 
 `build_vocabularies` (training data) and `to_sequences` map ids to indices and pack each student's answers
 sorted by time; `make_windows` cuts them into model-sized windows the way pyKT trains (`"chunks"`) and
-evaluates (`"sliding"`). The tensors for `core` are built from `SequenceWindows`.
+evaluates (`"sliding"`). The tensors for `core` are built from `SequenceWindows`. `practice_features`
+computes DKT-forget-style features of each answer's skills from the earlier answers of its window.
 """
 
 from __future__ import annotations
@@ -204,8 +205,95 @@ def make_windows(
     )
 
 
+def _practice_buckets(
+    attempts: np.ndarray,
+    corrects: np.ndarray,
+    last: np.ndarray,
+    valid: np.ndarray,
+    at: np.ndarray,
+    correct: np.ndarray,
+) -> np.ndarray:
+    """Per-query per-skill practice counts -> bucket ids (Q, len(PRACTICE_FIELDS)), all >= 1.
+
+    Args: `attempts`, `corrects` (Q, K) earlier answers on each of the query item's skills and how many
+    were correct; `last` (Q, K) slot of the latest of them (-1: never); `valid` (Q, K) real skills;
+    `at` (Q,) the query's slot; `correct` the window's responses by slot. A multi-skill item pools its
+    skills: mean attempts, success rate over all of them, and the latest attempt on any of them.
+    """
+    n_skills = np.maximum(valid.sum(axis=1), 1)
+    total = np.where(valid, attempts, 0).sum(axis=1)
+    right = np.where(valid, corrects, 0).sum(axis=1)
+    latest = np.where(valid, last, -1).max(axis=1, initial=-1)  # (Q,)
+    seen = latest >= 0
+    attempts_b = 1 + np.minimum(np.floor(np.log2(1.0 + total / n_skills)), 8)
+    rate = (right + 1.0) / (total + 2.0)  # Laplace-smoothed past success rate
+    success_b = np.where(total > 0, 2 + np.minimum(np.floor(rate * 10), 9), 1)
+    gap = np.maximum(at - latest, 1)
+    gap_b = np.where(seen, 2 + np.minimum(np.floor(np.log2(gap)), 7), 1)
+    last_b = np.where(seen, 2 + np.append(correct, 0)[np.maximum(latest, 0)], 1)  # append: empty windows
+    return np.stack([attempts_b, success_b, gap_b, last_b], axis=-1).astype(np.int64)
+
+
+def practice_features(
+    skills: np.ndarray, correct: np.ndarray, query_skills: np.ndarray | None = None
+) -> np.ndarray:
+    """DKT-forget-style practice features (Nagatani et al. 2019) from one window's answers.
+
+    For the answer at slot t, from slots < t only (its own response never enters): how often the
+    student practised its skills (log2 buckets), the smoothed past success rate on them (tenths), the
+    slots since the latest attempt on them (log2 buckets, the "repeated gap") and whether that latest
+    attempt was correct. Bucket ids follow `apps.education.config.PRACTICE_BUCKETS` (0 is padding;
+    1 means "never practised").
+
+    Args:
+        skills: (n, K) skill indices of the window's answers (PAD_INDEX fills unused columns).
+        correct: (n,) responses 0/1.
+        query_skills: (Q, K') skill sets of items to score after the whole window (slot n), e.g. every
+            known item for a recommendation; None scores the window's own answers.
+
+    Returns:
+        (n, F) bucket ids for the window's answers, or (Q, F) for `query_skills`.
+    """
+    n = len(correct)
+    correct = np.asarray(correct, dtype=np.int64)
+    real = skills != PAD_INDEX  # (n, K)
+    uniq, inverse = np.unique(skills[real], return_inverse=True)
+    column = np.zeros(skills.shape, dtype=np.int64)
+    column[real] = inverse
+    hits = np.zeros((n, len(uniq)), dtype=np.int64)  # (n, U): slot t practised skill u
+    hits[np.nonzero(real)[0], column[real]] = 1
+    zero = np.zeros((1, len(uniq)), dtype=np.int64)
+    attempts = np.concatenate([zero, np.cumsum(hits, axis=0)])  # (n + 1, U): answers on u before slot t
+    corrects = np.concatenate([zero, np.cumsum(hits * correct[:, None], axis=0)])  # (n + 1, U)
+    slot = np.where(hits > 0, np.arange(n)[:, None], -1)
+    last = np.concatenate([zero - 1, np.maximum.accumulate(slot, axis=0)])  # (n + 1, U) latest slot < t
+    if query_skills is None:
+        rows = np.broadcast_to(np.arange(n)[:, None], skills.shape)  # (n, K): features before slot t
+        return _practice_buckets(
+            attempts[rows, column], corrects[rows, column], last[rows, column], real, np.arange(n), correct
+        )
+    known = np.isin(query_skills, uniq) & (query_skills != PAD_INDEX)  # (Q, K')
+    col = np.clip(np.searchsorted(uniq, query_skills), 0, max(len(uniq) - 1, 0))
+    if len(uniq) == 0:
+        final = np.zeros(query_skills.shape, dtype=np.int64)
+        return _practice_buckets(final, final, final - 1, known, np.full(len(query_skills), n), correct)
+    return _practice_buckets(
+        np.where(known, attempts[n, col], 0),
+        np.where(known, corrects[n, col], 0),
+        np.where(known, last[n, col], -1),
+        known,
+        np.full(len(query_skills), n),
+        correct,
+    )
+
+
 def to_examples(
-    windows: SequenceWindows, *, score_first: bool = False, skill_domain: np.ndarray | None = None
+    windows: SequenceWindows,
+    *,
+    score_first: bool = False,
+    skill_domain: np.ndarray | None = None,
+    practice: bool = False,
+    practice_tokens: bool = False,
 ) -> list[dict[str, np.ndarray]]:
     """Turn windows into `core` examples for the causal next-step model.
 
@@ -228,8 +316,13 @@ def to_examples(
         One example per window (see `core.data`): `categorical` {item, skill, interaction, response} of
         shape (T,), `time_delta` (T,) seconds, `next_item_ids` (T,), `next_labels` (T,) float (-1 ignored),
         and `domain_ids` (T,) when `skill_domain` is given.
+        practice: Add `next_features` (T, F): the practice features (`practice_features`) of the answer
+            each state predicts, from the window's earlier answers (0 on the last token, which predicts
+            nothing).
+        practice_tokens: Add the practice features of each token's own answer (from the answers before it)
+            as categorical fields `PRACTICE_FIELDS` (the start token: START_INDEX).
     """
-    from apps.education.config import START_INDEX
+    from apps.education.config import PRACTICE_FIELDS, START_INDEX
 
     lengths = windows.attention_mask.sum(axis=1)
     targets = windows.target_mask | (score_first & (windows.position == 0))
@@ -252,6 +345,15 @@ def to_examples(
             "next_item_ids": np.concatenate([items, [PAD_INDEX]]).astype(np.int64),
             "next_labels": np.concatenate([labels, [-1.0]]).astype(np.float32),
         }
+        if practice or practice_tokens:
+            buckets = practice_features(windows.skills[w, :n], correct)  # (n, F)
+            if practice:
+                example["next_features"] = np.concatenate([buckets, np.zeros((1, buckets.shape[1]))]).astype(
+                    np.int64
+                )
+            if practice_tokens:
+                for f, name in enumerate(PRACTICE_FIELDS):
+                    example["categorical"][name] = np.concatenate([start, buckets[:, f]])
         if skill_domain is not None:
             example["domain_ids"] = np.concatenate([[0], skill_domain[skills]]).astype(np.int64)
         examples.append(example)

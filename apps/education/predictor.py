@@ -29,6 +29,7 @@ from apps.education.encode import (
     PYKT_MAXLEN,
     build_vocabularies,
     make_windows,
+    practice_features,
     to_examples,
     to_sequences,
 )
@@ -79,7 +80,7 @@ class KnowledgeTracer:
 
     Args:
         preset: Architecture and training preset of `apps.education.config` (`"small"`, `"retrieval"`,
-            `"bench"`).
+            `"practice"`, `"bench"`).
         maxlen: Answers per training window (pyKT: 200).
         pretrain_epochs: Epochs of masked-field pretraining (0 skips stage 1); None uses the preset's.
         task_epochs: Epochs of next-step fine-tuning; None uses the preset's.
@@ -226,7 +227,6 @@ class KnowledgeTracer:
         if n_clusters == 1:  # one cluster: a single-domain model without domain ids
             clusters = {}
         skill_domain = domain_of_skill_index(skill_vocab, clusters) if clusters else None
-        examples = to_examples(windows, score_first=True, skill_domain=skill_domain)
         config = knowledge_tracing_config(
             len(item_vocab),
             len(skill_vocab),
@@ -236,6 +236,9 @@ class KnowledgeTracer:
                 **(self.config_overrides or {}),
                 **(config_overrides or {}),
             },
+        )
+        examples = to_examples(
+            windows, score_first=True, skill_domain=skill_domain, **example_options(config)
         )
         context = dict(frame=frame, item_vocab=item_vocab, skill_vocab=skill_vocab, clusters=clusters)
         return TrainingPlan(config, examples, examples, context)
@@ -264,6 +267,7 @@ class KnowledgeTracer:
         self.item_vocab_ = item_vocab
         self.skill_vocab_ = skill_vocab
         self.item_skill_ = _item_skills(frame, item_vocab, skill_vocab)
+        self.item_skill_sets_ = _item_skill_sets(frame, item_vocab, skill_vocab)
         self.skill_names_ = _skill_names(frame)
         self.skill_clusters_ = plan.context["clusters"]
         self.train_metrics_ = {
@@ -291,6 +295,7 @@ class KnowledgeTracer:
             "item_vocab": self.item_vocab_.to_dict(),
             "skill_vocab": self.skill_vocab_.to_dict(),
             "item_skill": self.item_skill_.tolist(),
+            "item_skill_sets": self.item_skill_sets_.tolist(),
             "skill_names": self.skill_names_,
             "skill_clusters": self.skill_clusters_,
             "data_fingerprint": self.data_fingerprint_,
@@ -320,6 +325,9 @@ class KnowledgeTracer:
         tracer.item_vocab_ = Vocabulary.from_dict(meta["item_vocab"])
         tracer.skill_vocab_ = Vocabulary.from_dict(meta["skill_vocab"])
         tracer.item_skill_ = np.asarray(meta["item_skill"], dtype=np.int64)
+        tracer.item_skill_sets_ = np.asarray(
+            meta.get("item_skill_sets", tracer.item_skill_[:, None].tolist()), dtype=np.int64
+        )
         tracer.skill_names_ = dict(meta["skill_names"])
         tracer.skill_clusters_ = {str(k): int(v) for k, v in meta.get("skill_clusters", {}).items()}
         tracer.data_fingerprint_ = meta["data_fingerprint"]
@@ -352,7 +360,7 @@ class KnowledgeTracer:
         self._check_fitted()
         sequences = to_sequences(frame, self.item_vocab_, self.skill_vocab_, on_unknown=on_unknown)
         windows = make_windows(sequences, maxlen=self.maxlen, mode="sliding", min_length=1)
-        examples = to_examples(windows, score_first=True, skill_domain=self._skill_domain())
+        examples = to_examples(windows, score_first=True, **self._example_options())
         probs = self._window_probabilities(examples, batch_size=batch_size)
         student, position, p = [], [], []
         for w, (example, prob) in enumerate(zip(examples, probs, strict=True)):
@@ -400,7 +408,7 @@ class KnowledgeTracer:
         self._check_fitted()
         sequences = to_sequences(frame, self.item_vocab_, self.skill_vocab_, on_unknown=on_unknown)
         windows = make_windows(sequences, maxlen=self.maxlen, mode="sliding")
-        examples = to_examples(windows, skill_domain=self._skill_domain())
+        examples = to_examples(windows, **self._example_options())
         probs = self._window_probabilities(examples, batch_size=batch_size)
         y_true = np.concatenate([e["next_labels"][e["next_labels"] >= 0] for e in examples] or [[]])
         y_prob = np.concatenate(
@@ -536,11 +544,12 @@ class KnowledgeTracer:
     ) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """Item P(correct) after each window's last answer, (W, n_known_items), and, on request, that
         state's attention over the window's tokens (mean over layers and heads), (W, L + 1)."""
-        examples = to_examples(last, skill_domain=self._skill_domain())
+        examples = to_examples(last, **self._example_options())
         item_ids = torch.arange(len(self.item_vocab_), device=self.device)
         probs, focus = [], []
         for lo in range(0, len(examples), batch_size):
             chunk = examples[lo : lo + batch_size]
+            features = self._candidate_features(last, range(lo, lo + len(chunk)))
             batch = collate(chunk).to(self.device)
             output = self.model_(**batch.to_dict(), output_attentions=with_attention)
             ends = batch.attention_mask.sum(dim=1) - 1  # (B,) last real token
@@ -555,6 +564,7 @@ class KnowledgeTracer:
                     ends[:, None].expand(-1, len(item_ids)),  # (B, n_items)
                     batch.attention_mask,
                 ),
+                next_features=features,  # (B, n_items, F) or None
             )  # (B, n_items)
             probs.append(torch.sigmoid(logits.float())[:, 2:].cpu().numpy())
             if with_attention:
@@ -605,7 +615,7 @@ class KnowledgeTracer:
 
         start = np.array([START_INDEX], dtype=np.int64)
         example = {
-            "categorical": {name: start for name in ("item", "skill", "interaction", "response")},
+            "categorical": {name: start for name in self.model_.config.categorical_fields},
             "time_delta": np.zeros(1, dtype=np.float32),
         }
         batch = collate([example]).to(self.device)
@@ -617,6 +627,7 @@ class KnowledgeTracer:
             **self._retrieval_inputs(
                 states, torch.zeros(1, len(item_ids), dtype=torch.long, device=self.device)
             ),
+            next_features=self._candidate_features(None, [0]),
         )
         probs = torch.sigmoid(logits.float())[0, 2:].cpu().numpy()
         return pd.Series(probs, index=pd.Index(self.item_vocab_.tokens, name="item_id"))
@@ -625,6 +636,24 @@ class KnowledgeTracer:
         """(S, n_known_items) item probabilities -> per-skill means, one Series per student."""
         index = pd.Index(self.skill_vocab_.tokens, name="skill_id")
         return [pd.Series(row, index=index, name="mastery") for row in self.skill_mastery_matrix(item_p)]
+
+    def _example_options(self) -> dict[str, Any]:
+        """`to_examples` keywords matching the fitted model: domain ids and practice features."""
+        return {"skill_domain": self._skill_domain(), **example_options(self.model_.config)}
+
+    def _candidate_features(self, last: Optional[SequenceWindows], windows: Any) -> Optional[torch.Tensor]:
+        """Practice features of every known item after each of `windows` (indices into `last`; None: a
+        student without answers), (B, n_items, F), or None when the model reads none."""
+        if not example_options(self.model_.config)["practice"]:
+            return None
+        skill_sets = getattr(self, "item_skill_sets_", self.item_skill_[:, None])
+        rows = []
+        for w in windows:
+            n = 0 if last is None else int(last.attention_mask[w].sum())
+            skills = last.skills[w, :n] if last is not None else np.zeros((0, 1), dtype=np.int64)
+            correct = last.correct[w, :n] if last is not None else np.zeros(0, dtype=np.int64)
+            rows.append(practice_features(skills, correct, query_skills=skill_sets))
+        return torch.as_tensor(np.stack(rows), device=self.device)
 
     def _skill_domain(self) -> Optional[np.ndarray]:
         """Domain id per skill vocabulary index, or None for a single-domain model (no domain ids)."""
@@ -652,6 +681,28 @@ def _last_windows(sequences: StudentSequences, keep: int) -> SequenceWindows:
         attention_mask=valid,
         target_mask=np.zeros_like(valid),
     )
+
+
+def example_options(config: Any) -> dict[str, bool]:
+    """Which practice inputs a model config reads: `to_examples(practice=..., practice_tokens=...)`."""
+    from apps.education.config import PRACTICE_FIELDS
+
+    return {
+        "practice": bool(getattr(config, "next_step_feature_buckets", [])),
+        "practice_tokens": PRACTICE_FIELDS[0] in config.categorical_fields,
+    }
+
+
+def _item_skill_sets(frame: pd.DataFrame, item_vocab: Vocabulary, skill_vocab: Vocabulary) -> np.ndarray:
+    """All skill indices of each item (its first row's skill cell), (n_items, K) padded with PAD_INDEX,
+    aligned with the item vocabulary (pad/unknown items: no skill)."""
+    cells = frame.drop_duplicates("item_id").set_index("item_id")["skill_id"].astype("string")
+    parts = cells.loc[list(item_vocab.tokens)].str.split(SKILL_SEPARATOR, regex=False)
+    flat = parts.reset_index(drop=True).explode()  # index: item position, one row per skill
+    slot = flat.groupby(level=0).cumcount().to_numpy()
+    out = np.zeros((len(item_vocab), int(slot.max(initial=0)) + 1), dtype=np.int64)
+    out[2 + flat.index.to_numpy(), slot] = skill_vocab.encode(flat.to_numpy(), on_unknown="unknown")
+    return out
 
 
 def _item_skills(frame: pd.DataFrame, item_vocab: Vocabulary, skill_vocab: Vocabulary) -> np.ndarray:
