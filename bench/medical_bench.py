@@ -246,6 +246,19 @@ def phase_fewshot(args, state: dict, results: dict) -> None:
     rare_logits, rare_emb = diagnoser.outputs(rare)
     train_y = np.array([c.label for c in train])
     test_y = np.array([c.label for c in test])
+    # The fusion model's outputs, so the few-shot path can be studied again without retraining (on a CPU).
+    np.savez_compressed(
+        args.out / "medical_fewshot_outputs.npz",
+        classes=np.array(diagnoser.classes_),
+        base_prototypes=diagnoser.prototypes_.base.detach().cpu().numpy(),
+        train_embeddings=train_emb,
+        train_labels=train_y,
+        test_logits=test_logits,
+        test_embeddings=test_emb,
+        test_labels=test_y,
+        rare_logits=rare_logits,
+        rare_embeddings=rare_emb,
+    )
     rng = np.random.default_rng(args.seed)
     out = {}
     for k in (1, 5, 20):

@@ -65,6 +65,20 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+def _check_device(device: str) -> str:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = ""
+    if kind not in ("cpu", "cuda"):
+        raise typer.BadParameter(f"expected cpu, cuda or cuda:N, got {device!r}", param_hint="--device")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("no CUDA GPU is available on this machine; use cpu", param_hint="--device")
+    return device
+
+
 @app.command()
 def inspect(
     path: Annotated[Path, typer.Argument(help="A series folder, or a DICOM file.")],
@@ -127,12 +141,16 @@ def train(
     ctx: typer.Context,
     data: Annotated[Path, typer.Option("--data", help="Folder with cases.csv.")],
     out: Annotated[Path, typer.Option("--out", help="Model directory to write.")],
-    preset: Annotated[str, typer.Option(help="Model preset: small, cnn (CT stem; GPU, >= ~1,000 cases) or tiny.")] = "small",
+    preset: Annotated[
+        str, typer.Option(help="Model preset: small, cnn (CT stem; GPU, >= ~1,000 cases) or tiny.")
+    ] = "small",
     epochs: Annotated[float, typer.Option(help="Classification epochs.")] = 8.0,
     pretrain_epochs: Annotated[
         float, typer.Option(help="Masked-field pretraining epochs; 0 skips it.")
     ] = 2.0,
     learning_rate: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-3,
+    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 8,
+    device: Annotated[str, typer.Option(help="Torch device to train on: cpu, cuda, cuda:1...")] = "cpu",
     exclude_label: Annotated[
         Optional[list[str]],
         typer.Option("--exclude-label", help="Leave a label out (add it later with add-class)."),
@@ -150,8 +168,10 @@ def train(
         epochs=epochs,
         pretrain_epochs=pretrain_epochs,
         learning_rate=learning_rate,
+        batch_size=batch_size,
         exclude_labels=tuple(exclude_label or ()),
         seed=seed,
+        device=_check_device(device),
     )
     shown = ", ".join(
         f"{k} {result.metrics[k]:.3f}" for k in ("accuracy", "auroc_macro") if k in result.metrics

@@ -122,3 +122,14 @@ def test_add_class_then_evaluate(runner, trained, tmp_path):
     metrics = json.loads(result.stdout)
     assert metrics["n"] == len(trained.train) + len(trained.test) + len(trained.rare)
     assert "auroc_miliary" in metrics and 0 <= metrics["ece"] <= 1
+
+
+def test_train_rejects_an_unknown_or_unavailable_device_before_reading_data(runner, tmp_path):
+    import torch
+
+    # "cuda:0" is unavailable on a machine without a GPU; elsewhere only the unknown name is checked.
+    for device in ["gpu"] + ([] if torch.cuda.is_available() else ["cuda:0"]):
+        args = ["medical", "train", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "m")]
+        result = runner.invoke(app, [*args, "--device", device])
+        assert result.exit_code == 2, device
+        assert "--device" in result.output and not (tmp_path / "m").exists()
