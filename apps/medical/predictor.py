@@ -486,8 +486,11 @@ class Diagnoser:
         captured: dict[str, torch.Tensor] = {}
 
         def keeper(name: str):
-            def keep(_module, _args, output: torch.Tensor) -> None:
-                captured[name] = output  # (1, T, hidden) record tokens / (1, Nv, hidden) CT tokens
+            def keep(_module, _args, output: torch.Tensor) -> torch.Tensor:
+                # (1, T, hidden) record tokens / (1, Nv, hidden) CT tokens, as leaves: the backward pass
+                # stops at them instead of running on through the embedders (the CT stem's convolutions).
+                captured[name] = output.detach().requires_grad_(True)
+                return captured[name]
 
             return keep
 
