@@ -299,7 +299,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     graph = PrerequisiteGraph.from_edges(edges, source="<generated graph>")
     tracer = KnowledgeTracer(
-        "small",
+        args.preset,
         task_epochs=args.epochs,
         pretrain_epochs=0.0,
         batch_size=args.batch_size,
@@ -410,7 +410,8 @@ def markdown(report: dict[str, Any]) -> str:
         "# Education recommendation benchmark (simulated learners)",
         "",
         f"{a['learners']} learners x {len(a['seeds'])} seeds; {a['warmup']} placement answers, then "
-        f"{a['steps']} recommended exercises; {a['skills']} skills x {a['items_per_skill']} items; tracer "
+        f"{a['steps']} recommended exercises; {a['skills']} skills x {a['items_per_skill']} items; "
+        f"tracer (preset `{a.get('preset', 'small')}`) "
         f"trained on {a['train_students']} simulated students x {a['train_answers']} answers per seed. "
         f"Device: {a.get('device', 'cpu')}, torch threads {a['threads']} per process, {a.get('jobs', 1)} process(es); "
         f"{report['seconds']:.0f} s in all; load average at the end {report.get('load', '?')}. "
@@ -484,6 +485,7 @@ def main() -> None:
     parser.add_argument("--train-answers", type=int, default=60)
     parser.add_argument("--epochs", type=float, default=5.0, help="Tracer fine-tuning epochs.")
     parser.add_argument("--batch-size", type=int, default=16, help="Tracer training batch size.")
+    parser.add_argument("--preset", default="small", help="Tracer preset (apps/education/config.py).")
     parser.add_argument("--latency-students", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1, help="Torch threads per process.")
     parser.add_argument(
