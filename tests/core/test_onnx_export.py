@@ -185,25 +185,9 @@ def test_sessions_run_with_denormals_flushed_and_leave_the_thread_mode_alone(tmp
 
 def test_ct_stem_exports_and_matches_eager(tmp_path):
     """The CT stem's convolutions (`VolumeConv3d`, oneDNN-only in eager) export as plain ONNX Conv."""
-    config = CoreConfig(
-        hidden_size=16,
-        num_layers=1,
-        num_heads=2,
-        ffn_size=16,
-        block_size=8,
-        dense_below=0,
-        dense_tail_layers=0,
-        n_routed_experts=2,
-        moe_top_k=1,
-        num_modalities=2,
-        volume_modality_id=1,
-        volume_patch_size=(2, 4, 4),
-        volume_channels=2,
-        volume_stem_channels=4,
-        numeric_fields=["x"],
-        num_labels=2,
-        causal=False,
-    )
+    from tests.core.test_train import stem_config
+
+    config = stem_config(volume_channels=2)
     torch.manual_seed(0)
     model = CoreModel(config).eval()
     rng = np.random.default_rng(0)

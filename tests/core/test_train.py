@@ -130,7 +130,7 @@ def test_non_finite_metadata_is_rejected(tmp_path) -> None:
 
 
 # ---------------------------------------------------------------------- stage 0: the CT stem alone
-def stem_config(stem_channels: int = 4) -> CoreConfig:
+def stem_config(stem_channels: int = 4, volume_channels: int = 1) -> CoreConfig:
     return CoreConfig(
         hidden_size=16,
         num_layers=1,
@@ -144,7 +144,7 @@ def stem_config(stem_channels: int = 4) -> CoreConfig:
         num_modalities=2,
         volume_modality_id=1,
         volume_patch_size=(2, 4, 4),
-        volume_channels=1,
+        volume_channels=volume_channels,
         volume_stem_channels=stem_channels,
         numeric_fields=["x"],
         num_labels=2,
