@@ -157,6 +157,8 @@ def suite_settings(args: argparse.Namespace) -> SuiteSettings:
         finish_steps=args.finish_steps,
         loss_balance=args.loss_balance,
         balance_scope=args.balance_scope,
+        balance_mix=args.balance_mix,
+        optimizer_state=args.optimizer_state,
         interleave=args.step_mode == "interleaved",
         medical_preset=args.medical_preset,
         device=args.device,
@@ -216,6 +218,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "step_mode": args.step_mode,
             "loss_balance": args.loss_balance,
             "balance_scope": args.balance_scope,
+            "balance_mix": args.balance_mix,
+            "optimizer_state": args.optimizer_state,
             "learning_rate": args.learning_rate,
             "seed": args.seed,
             "medical_preset": args.medical_preset,
@@ -329,7 +333,16 @@ def _suite_budget(s: dict[str, Any]) -> str:
             f", then {finish} task batches per app alone on that app's embedders, head and domain expert group "
             "(the shared trunk as the joint steps left it)"
         )
-    return text + f". Aux-free balancing scope: {s.get('balance_scope', 'all')}."
+    text += f". Aux-free balancing scope: {s.get('balance_scope', 'all')}"
+    if "balance_mix" in s:
+        mix = {
+            "tokens": "each app weighted by its share of the data's tokens",
+            "batches": "the training batches as they come",
+        }
+        text += f", on {mix[s['balance_mix']]}"
+    if s.get("optimizer_state") == "per_app":
+        text += "; AdamW moments kept per app (`core.multitask.TaskAdamW`)"
+    return text + "."
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -442,9 +455,23 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--balance-scope",
-        default="group",
-        choices=("all", "group"),
-        help="aux-free balancing: global mean (all), or global plus within each expert group (group)",
+        default="within",
+        choices=("all", "group", "within"),
+        help="aux-free balancing: global mean (all), global plus within each expert group (group), or "
+        "within each expert group only (within)",
+    )
+    parser.add_argument(
+        "--balance-mix",
+        default="tokens",
+        choices=("tokens", "batches"),
+        help="aux-free balancing: on each app's share of the data's tokens (tokens) or on the training "
+        "batches as they come (batches)",
+    )
+    parser.add_argument(
+        "--optimizer-state",
+        default="per_app",
+        choices=("per_app", "shared"),
+        help="AdamW moments kept per app (per_app) or one state for every step (shared)",
     )
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--accounts", type=int, default=300)

@@ -101,7 +101,9 @@ class DomainMoE(nn.Module):
     Balancing (`config.balance`):
         - "aux_free": in training mode, forward counts the tokens each routed expert receives
           (`expert_load`); `update_balance()` (once per optimizer step, see `MoEBalanceCallback`) moves
-          `expert_bias` by `bias_update_rate * sign(mean_load - load_e)` and resets the counts.
+          `expert_bias` by `bias_update_rate * sign(mean_load - load_e)` and resets the counts. The load is
+          that of the tokens trained on, or with `set_balance_mix` each domain's shares averaged over a
+          given mix of the domains (the mix the model serves).
         - "aux_loss": nothing here; the model adds `core.losses.load_balancing_loss(router_logits, ...)`
           once, scaled by `config.router_aux_loss_coef`.
         - "none": nothing.
@@ -118,6 +120,7 @@ class DomainMoE(nn.Module):
 
     expert_bias: torch.Tensor
     expert_load: torch.Tensor
+    domain_load: torch.Tensor
     domain_expert_counts: torch.Tensor
     domain_expert_mass: torch.Tensor
     _FLOAT32_BUFFERS = ("expert_bias", "domain_expert_mass")
@@ -143,6 +146,13 @@ class DomainMoE(nn.Module):
         #: since the last one (e.g. once per round when the optimizer steps take one domain's batch each).
         self.balance_every = 1
         self._balance_calls = 0
+        #: None: the aux-free load counts every assignment alike, so it is the mix of the batches trained on.
+        #: Else one weight per domain (see `set_balance_mix`): the load is each domain's per-assignment
+        #: shares over the experts, averaged with these weights (the mix the model is balanced for).
+        self.balance_mix: tuple[float, ...] | None = None
+        #: Domain id -> (its expert group, the share of its assignments that group should get); see
+        #: `set_balance_targets`. Empty: none.
+        self.balance_targets: dict[int, tuple[list[int], float]] = {}
 
         self.router = nn.Linear(config.hidden_size, self.num_experts, bias=False)
         self.domain_prior: nn.Embedding | None = None
@@ -163,6 +173,10 @@ class DomainMoE(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32))
         # Tokens per expert since the last `update_balance()`; integer so `.to(dtype)` never rounds it.
         self.register_buffer("expert_load", torch.zeros(self.num_experts, dtype=torch.long), persistent=False)
+        # The same per domain, kept only while `balance_mix` or `balance_targets` is set.
+        self.register_buffer(
+            "domain_load", torch.zeros(self.num_domains, self.num_experts, dtype=torch.long), persistent=False
+        )
         self.register_buffer(
             "domain_expert_counts", torch.zeros(self.num_domains, self.num_experts, dtype=torch.long)
         )
@@ -387,23 +401,39 @@ class DomainMoE(nn.Module):
     ) -> None:
         """Add real assignments to the aux-free load and, if tracking, to the per-domain statistics."""
         self._keep_float32_buffers()  # a checkpoint loaded in bf16 may have cast them
-        if self.training and self.balance == "aux_free":
+        balancing = self.training and self.balance == "aux_free"
+        if balancing:
             self.expert_load += expert_counts
+        per_domain = None
+        if balancing and (self.balance_mix is not None or self.balance_targets):
+            per_domain = self._domain_counts(flat_expert, expert_counts, domain_ids_flat)
+            self.domain_load += per_domain
         if not self.track_routing:
             return
         if real_flat is not None:
             probs = probs * real_flat.unsqueeze(-1)  # (N, E), padding rows zeroed
+        if per_domain is None:
+            per_domain = self._domain_counts(flat_expert, expert_counts, domain_ids_flat)
+        self.domain_expert_counts += per_domain  # (D, E)
         if domain_ids_flat is None:
-            self.domain_expert_counts[0] += expert_counts
             self.domain_expert_mass[0] += probs.sum(0)
-            return
+        else:
+            self.domain_expert_mass.index_add_(0, domain_ids_flat, probs.to(self.domain_expert_mass.dtype))
+
+    def _domain_counts(
+        self, flat_expert: torch.Tensor, expert_counts: torch.Tensor, domain_ids_flat: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(D, E) real assignments per domain and expert (every one in domain 0 without domain ids)."""
+        if domain_ids_flat is None:
+            counts = torch.zeros_like(self.domain_expert_counts)  # (D, E)
+            counts[0] = expert_counts
+            return counts
         num_cells = self.num_domains * self.num_experts
         domain_of_assignment = domain_ids_flat.repeat_interleave(self.top_k)  # (N * k,)
         cell = domain_of_assignment * self.num_experts + flat_expert  # (N * k,) index into D * E
         cell = cell.masked_fill(flat_expert == self.num_experts, num_cells)  # padding -> sentinel cell
         cell_counts = torch.bincount(cell, minlength=num_cells + 1)[:num_cells]  # (D * E,)
-        self.domain_expert_counts += cell_counts.view(self.num_domains, self.num_experts)  # (D, E)
-        self.domain_expert_mass.index_add_(0, domain_ids_flat, probs.to(self.domain_expert_mass.dtype))
+        return cell_counts.view(self.num_domains, self.num_experts)  # (D, E)
 
     def _flatten_domain_ids(
         self, domain_ids: torch.Tensor | None, batch_size: int, seq_len: int, device: torch.device
@@ -462,9 +492,7 @@ class DomainMoE(nn.Module):
         if self._balance_calls % self.balance_every:
             return  # keep summing the loads until the `balance_every`-th call
         self._keep_float32_buffers()
-        load = self.expert_load.float()  # (E,)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(load)
+        load = self._balance_load()  # (E,)
         if load.sum().item() > 0 and (self.balance_groups is None or self.balance_global):
             self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
         for experts in self.balance_groups or []:
@@ -473,7 +501,117 @@ class DomainMoE(nn.Module):
             if group_load.sum().item() > 0:
                 step = self.bias_update_rate * torch.sign(group_load.mean() - group_load)  # (G,)
                 self.expert_bias.index_add_(0, index, step)
+        self._apply_targets()
         self.expert_load.zero_()
+        self.domain_load.zero_()
+
+    def _apply_targets(self) -> None:
+        """Move the bias of a domain's whole group one step towards its target share of the domain's
+        assignments (domains without assignments since the last update are left alone)."""
+        if not self.balance_targets:
+            return
+        domain_load = self.domain_load.float()  # (D, E)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(domain_load)
+        for domain, (experts, target) in self.balance_targets.items():
+            assignments = domain_load[domain].sum().item()
+            if assignments == 0:
+                continue
+            index = torch.as_tensor(experts, dtype=torch.long, device=domain_load.device)
+            share = domain_load[domain, index].sum().item() / assignments
+            direction = float(np.sign(target - share))
+            step = torch.full((len(experts),), direction * self.bias_update_rate, device=domain_load.device)
+            self.expert_bias.index_add_(0, index, step)  # (G,) the whole group one step
+
+    def _balance_load(self) -> torch.Tensor:
+        """(E,) the load the aux-free update evens out: the assignments since the last update, or with
+        `balance_mix` each domain's shares of its assignments averaged with the mix's weights."""
+        distributed = dist.is_available() and dist.is_initialized()
+        if self.balance_mix is None:
+            load = self.expert_load.float()  # (E,)
+            if distributed:
+                dist.all_reduce(load)
+            return load
+        domain_load = self.domain_load.float()  # (D, E)
+        if distributed:
+            dist.all_reduce(domain_load)
+        assignments = domain_load.sum(dim=1)  # (D,)
+        shares = domain_load / assignments.clamp_min(1.0).unsqueeze(1)  # (D, E) rows sum to 1 (or 0)
+        # Only the domains seen since the last update count: a window of one domain's batches balances
+        # that domain's own shares, not a mix with the others at zero.
+        weights = torch.tensor(self.balance_mix, dtype=torch.float32, device=shares.device)  # (D,)
+        weights = weights * (assignments > 0)
+        if weights.sum().item() == 0:
+            return torch.zeros_like(shares[0])
+        return (weights.unsqueeze(1) * shares).sum(dim=0) / weights.sum()  # (E,)
+
+    def set_balance_targets(self, targets: dict[int, tuple[list[int], float]] | None) -> None:
+        """Keep each domain's share of its assignments on its own expert group at a target: at each update,
+        every expert of the group moves by `bias_update_rate` towards it (up below it, down above it).
+
+        Balancing inside groups only (`set_balance_groups(..., with_global=False)`) evens out the load within
+        a group but never moves a group as a whole, so a domain's router can leave its own group idle (or
+        the experts it shares with the other domains). A target at the group's share of the experts the
+        domain may use (its group plus the general experts) is an even spread of the domain's own tokens;
+        it reads only that domain's assignments, so unlike the global term it never pulls another domain's
+        tokens into a quiet domain's group. It moves both ways: a one-sided floor only ever raised the group
+        and ratcheted a busy domain wholly onto it, away from the general experts.
+
+        Args:
+            targets: domain id -> (expert ids of its group, target share in [0, 1]), or None for none.
+
+        Raises:
+            InputValidationError: a domain id outside [0, num_domains), an expert id outside
+                [0, num_experts), an empty group, or a share outside [0, 1].
+        """
+        checked: dict[int, tuple[list[int], float]] = {}
+        for domain, (experts, floor) in (targets or {}).items():
+            experts = [int(e) for e in experts]
+            if (
+                not 0 <= int(domain) < self.num_domains
+                or not experts
+                or any(not 0 <= e < self.num_experts for e in experts)
+                or not 0.0 <= float(floor) <= 1.0
+            ):
+                raise InputValidationError(
+                    f"DomainMoE.set_balance_targets: expected domain id in [0, {self.num_domains}) -> (expert ids "
+                    f"in [0, {self.num_experts}), share in [0, 1]), got {domain!r} -> ({experts}, {floor!r})"
+                )
+            checked[int(domain)] = (experts, float(floor))
+        self.balance_targets = checked
+        self.domain_load.zero_()
+
+    def set_balance_mix(self, weights: list[float] | tuple[float, ...] | None) -> None:
+        """Balance the experts' load on a mix of the domains, whatever mix the training batches hold.
+
+        By default the update evens out the assignments of the tokens trained on, so the experts are
+        balanced for the training mix. When the model serves another mix (domains of very different
+        token counts trained one batch each in turn), an expert that only the quieter domains use looks
+        busy in training and idle in service. With a mix, the load is each domain's share of its own
+        assignments per expert, averaged with `weights` (e.g. each domain's share of the served tokens),
+        which is the load per served assignment under that mix, however many tokens the batches held.
+
+        Args:
+            weights: one non-negative weight per domain (any scale, not all zero), or None for the
+                default.
+
+        Raises:
+            InputValidationError: not one finite non-negative weight per domain, or all zero.
+        """
+        if weights is not None:
+            values = [float(w) for w in weights]
+            if (
+                len(values) != self.num_domains
+                or not all(np.isfinite(w) and w >= 0 for w in values)
+                or sum(values) <= 0
+            ):
+                raise InputValidationError(
+                    f"DomainMoE.set_balance_mix: expected {self.num_domains} finite non-negative weights "
+                    f"(one per domain, not all zero), got {list(weights)}"
+                )
+            weights = tuple(values)
+        self.balance_mix = weights
+        self.domain_load.zero_()
 
     def set_balance_every(self, calls: int) -> None:
         """Update the selection bias at every `calls`-th `update_balance()` call (1: every call), from now on.

@@ -6,13 +6,14 @@ their router, experts and balancing state, and the final norm) is one set of mod
 them. A training step (`MultiTaskModel.forward`) runs one batch per task through its own model and adds
 the losses (plain or balanced, see `LOSS_BALANCES`), so one optimizer step and one aux-free balance update
 see every task; no batch mixes tasks, since their embedders differ. With `RoundRobinDataset(interleave=True)`
-a step holds one task's batch instead (the tasks take turns), so each task's gradient is clipped and
-Adam-scaled on its own, as in a single-task run. `MultiTaskModel.finishing` trains one task's private
+a step holds one task's batch instead (the tasks take turns), so each task's gradient is clipped on its own,
+and with `TaskAdamW` (AdamW moments per task) also Adam-scaled on its own, as in a single-task run. `MultiTaskModel.finishing` trains one task's private
 parameters (and its expert group) alone, leaving everything the other tasks use unchanged.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ __all__ = [
     "MultiTaskModel",
     "RoundCollator",
     "RoundRobinDataset",
+    "TaskAdamW",
     "tie_trunk",
     "trunk_parameters",
 ]
@@ -158,6 +160,8 @@ class MultiTaskModel(nn.Module):
             )
         self.tasks = nn.ModuleDict(dict(models))
         self.loss_balance = loss_balance
+        #: The tasks of the last forward pass (the step being trained), read by `TaskAdamW`.
+        self.step_tasks: tuple[str, ...] = ()
 
     def forward(self, task_batches: Mapping[str, Mapping[str, Any]]) -> CoreOutput:
         """Run each task's batch through its model; the loss adds the task losses (see `LOSS_BALANCES`).
@@ -173,6 +177,7 @@ class MultiTaskModel(nn.Module):
             InputValidationError: an unknown task, or a task batch without a loss (no targets).
         """
         losses, aux = [], []
+        self.step_tasks = tuple(task_batches)
         for name, batch in task_batches.items():
             if name not in self.tasks:
                 raise InputValidationError(
@@ -269,6 +274,76 @@ class MultiTaskModel(nn.Module):
         return self.tasks[task]
 
 
+class TaskAdamW(torch.optim.Optimizer):
+    """AdamW whose moment estimates are kept per task, so the tasks taking turns never share them.
+
+    One AdamW over a shared trunk trained by tasks in turn (`RoundRobinDataset(interleave=True)`) mixes the
+    tasks in its state: the first moment carries the last ~1 / (1 - beta1) steps of every task into each
+    task's update, and the second moment scales each task's step by the RMS gradient of all the tasks, so a
+    task whose trunk gradients are smaller than the others' moves the trunk less than it would alone. Here
+    every parameter keeps one (step, exp_avg, exp_avg_sq) per task of the step (`MultiTaskModel.step_tasks`):
+    each task's update of the trunk is the one AdamW makes from that task's gradients alone, with its own
+    bias correction; a parameter only one task trains has one state, and the update is AdamW's
+    (`torch.optim.AdamW`, decoupled weight decay; parameters without a gradient are left as they are). A
+    step of several tasks at once (joint rounds) keeps one state for that set of tasks: plain AdamW.
+
+    Args:
+        params: parameters or parameter groups, as for `torch.optim.AdamW`.
+        multitask: the `MultiTaskModel` trained; its `step_tasks` names the state each step uses.
+        lr, betas, eps, weight_decay: as `torch.optim.AdamW`.
+
+    Raises:
+        ConfigError: a step before any forward pass of `multitask` (no task to key the state by).
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        multitask: MultiTaskModel,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+    ) -> None:
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        self.multitask = multitask
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """One AdamW update of every parameter with a gradient, from the state of the step's tasks."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        key = "+".join(self.multitask.step_tasks)
+        if not key:
+            raise ConfigError("TaskAdamW.step: the model has run no forward pass (no task to update for)")
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param].setdefault(
+                    key,
+                    {
+                        "step": 0,
+                        "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                        "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+                    },
+                )
+                state["step"] += 1
+                grad = param.grad
+                param.mul_(1.0 - lr * decay)
+                state["exp_avg"].lerp_(grad, 1.0 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+                correction1 = 1.0 - beta1 ** state["step"]
+                correction2 = 1.0 - beta2 ** state["step"]
+                denominator = (state["exp_avg_sq"].sqrt() / math.sqrt(correction2)).add_(eps)
+                param.addcdiv_(state["exp_avg"], denominator, value=-lr / correction1)
+        return loss
+
+
 class RoundRobinDataset(Dataset):
     """Rounds of one batch per task: item i is {task: examples of its i-th batch}.
 
@@ -325,10 +400,25 @@ class RoundRobinDataset(Dataset):
         for name, examples in self.task_examples.items():
             order = list(range(len(examples)))
             rng.shuffle(order)
-            size = self.batch_sizes[name]
-            batches[name] = [order[i : i + size] for i in range(0, len(order), size)]
+            batches[name] = self._cut(name, order)
+        self._epoch = epoch
         self._batches = batches
         self._rounds = max(len(b) for b in batches.values())
+        self._cycles: dict[tuple[str, int], list[list[int]]] = {}
+
+    def _cut(self, name: str, order: list[int]) -> list[list[int]]:
+        size = self.batch_sizes[name]
+        return [order[i : i + size] for i in range(0, len(order), size)]
+
+    def _task_batches(self, name: str, cycle: int) -> list[list[int]]:
+        """The batches of `name`'s `cycle`-th pass over its examples in this epoch (each pass reshuffled)."""
+        if cycle == 0:
+            return self._batches[name]
+        if (name, cycle) not in self._cycles:
+            order = list(range(len(self.task_examples[name])))
+            random.Random(f"{self.seed}/{self._epoch}/{name}/{cycle}").shuffle(order)
+            self._cycles[(name, cycle)] = self._cut(name, order)
+        return self._cycles[(name, cycle)]
 
     def __len__(self) -> int:
         return self._rounds * len(self._batches) if self.interleave else self._rounds
@@ -339,8 +429,8 @@ class RoundRobinDataset(Dataset):
             names, index = [names[index % len(names)]], index // len(names)
         item = {}
         for name in names:
-            batches = self._batches[name]
-            chosen = batches[index % len(batches)]
+            passes = len(self._batches[name])
+            chosen = self._task_batches(name, index // passes)[index % passes]
             examples = [self.task_examples[name][i] for i in chosen]
             transform = self.transforms.get(name)
             item[name] = examples if transform is None else [transform(e) for e in examples]

@@ -60,9 +60,24 @@ def train(
     balance_scope: Annotated[
         str,
         typer.Option(
-            help="Aux-free expert balancing: all (global mean) or group (global plus within each expert group)."
+            help="Aux-free expert balancing: all (global mean), group (global plus within each expert group) "
+            "or within (within each expert group only)."
         ),
-    ] = "group",
+    ] = "within",
+    balance_mix: Annotated[
+        str,
+        typer.Option(
+            help="Domain mix the expert balancing evens the load for: tokens (each app by its share of the "
+            "data's tokens, the mix the suite serves) or batches (the training batches as they come)."
+        ),
+    ] = "tokens",
+    optimizer_state: Annotated[
+        str,
+        typer.Option(
+            help="AdamW moments per app (per_app: each app moves the shared trunk as it would alone) or one "
+            "state for all steps (shared)."
+        ),
+    ] = "per_app",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     register: Annotated[bool, typer.Option(help="Record the run in the database.")] = True,
 ) -> None:
@@ -89,6 +104,8 @@ def train(
         finish_steps=finish_steps,
         loss_balance=loss_balance,
         balance_scope=balance_scope,
+        balance_mix=balance_mix,
+        optimizer_state=optimizer_state,
         interleave=interleave,
         medical_preset=medical_preset,
         device="cuda" if torch.cuda.is_available() else "cpu",

@@ -8,8 +8,11 @@ Read from `suite.json` (statistics of the validation data of every app, measured
   no routed mass: they see every token);
 - load balance: per layer, the max violation `max_e load_e / mean_e load_e - 1` over the assignments of all
   domains' tokens;
-- low use: experts with less than `LOW_USE` of their group's assignments (the domain groups and the general
-  group), per layer.
+- low use: experts with less than `LOW_USE` of their group's assignments (the groups of the trained domains
+  and the general group), per layer. Assignments are counted over every domain's validation tokens, so a
+  general expert's use is its share of the general group's work on the mix the suite serves (each app's
+  data in proportion); the aux-free balancing evens the load for that same mix
+  (`SuiteSettings.balance_mix`).
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ def _layer_report(
     violation = float(load.max() / load.mean() - 1.0) if load.sum() > 0 else 0.0
     low_use = []
     for group, experts in groups.items():
+        if group != GENERAL_GROUP and group not in domains:
+            continue  # the group of an app this run did not train has no traffic to share out
         total = load[experts].sum()
         for e in experts:
             share = float(load[e] / total) if total > 0 else 0.0

@@ -7,7 +7,9 @@ encoders, examples, config), with the suite's trunk fields. The apps' models are
 one optimizer step each (`SuiteSettings.interleave`): summed into one step, the gradient clip and Adam's
 scaling of the shared trunk are set by the app with the largest gradients (medical), which starves the others
 (fraud's loss stayed ~0.04 above its own model's). Each app thus gets the batches and the optimizer updates
-on them of a single-app run, and the shared trunk one update per app batch.
+on them of a single-app run, and the shared trunk one update per app batch; with AdamW's moments kept per app
+(`SuiteSettings.optimizer_state`, `core.multitask.TaskAdamW`) each of those updates is the one AdamW makes from
+that app's gradients alone.
 Each app's part is then exported as a normal model directory of that app (`export_task_model` keeps the
 domain the suite gave its tokens), finished and evaluated by the app's own predictor (`finish_fit`, the
 app's validation metrics) and saved with the app's own `save`. `suite.json` lists the parts, the expert
@@ -75,7 +77,20 @@ class SuiteSettings:
         balance_scope: aux-free balancing of the routed experts: "all" (towards the mean load of all
             experts) or "group" (that, plus a step towards the mean load of the expert's own group: each
             domain's group and the general group; `DomainMoE.set_balance_groups`), which evens out the load
-            inside a group whose experts all sit on one side of the global mean.
+            inside a group whose experts all sit on one side of the global mean; or "within" (the group step,
+            plus a target per app: its group moves towards an even spread of the app's tokens over its group
+            and the general experts; `DomainMoE.set_balance_targets`). A domain group's load is
+            set by how many tokens its domain has, so the global term can only even it out by raising the
+            bias of a quiet domain's experts until a busy domain's tokens leak into them (off their group,
+            and onto one or two of them, which leaves the others cold).
+        balance_mix: the domain mix the aux-free balancing evens the load for: "tokens" (each app weighted by
+            its share of the tokens in the suite's data, the mix the suite serves when it scores its apps'
+            data and the one the routing report counts; `DomainMoE.set_balance_mix`) or "batches" (the
+            tokens of the training batches as they come: a batch of every app per round, so a small app
+            weighs as much as its batch size and length give it, whatever its share of the data).
+        optimizer_state: "per_app" (AdamW moments kept per app, `core.multitask.TaskAdamW`: each app's update
+            of the shared trunk is the one AdamW makes from that app's gradients alone, as in its own run) or
+            "shared" (one AdamW state for every step, mixing the apps' momentum and gradient scales).
         trunk: changes to the trunk fields of `apps.suite.config.TRUNK`.
         batch_sizes: per-app batch sizes (default `BATCH_SIZES`).
         device: "cpu" or "cuda".
@@ -91,7 +106,9 @@ class SuiteSettings:
     medical_preset: str = "small"
     finish_steps: int = 0
     loss_balance: str = "sum"
-    balance_scope: str = "group"
+    balance_scope: str = "within"
+    balance_mix: str = "tokens"
+    optimizer_state: str = "per_app"
     interleave: bool = True
     trunk: Mapping[str, Any] = field(default_factory=dict)
     batch_sizes: Mapping[str, int] = field(default_factory=lambda: dict(BATCH_SIZES))
@@ -271,7 +288,7 @@ def train_suite(
 
     from core.model import CoreModel
     from core.multitask import MultiTaskModel, RoundCollator, RoundRobinDataset, export_task_model
-    from core.train import MaskedFieldCollator, TaskCollator, default_training_args, run_stage
+    from core.train import MaskedFieldCollator, TaskCollator, default_training_args
 
     settings = settings or SuiteSettings()
     if not sources:
@@ -294,6 +311,9 @@ def train_suite(
     models = {name: CoreModel(_suite_config(run.plan, groups)) for name, run in runs.items()}
     suite = MultiTaskModel(models, loss_balance=settings.loss_balance)
     _set_balance_scope(suite, settings.balance_scope, groups, trunk["n_routed_experts"])
+    served = {name: data_tokens(run.plan.task_examples, run.plan.config) for name, run in runs.items()}
+    if settings.balance_mix == "tokens":
+        _set_balance_mix(suite, [float(served.get(name, 0)) for name in SUITE_DOMAINS])
     # Interleaved, a step holds one app's batch: balance on the load of a whole round of the apps.
     _set_balance_every(suite, len(names) if settings.interleave else 1)
     domain_ids = {name: SUITE_DOMAINS.index(name) for name in names}
@@ -332,7 +352,7 @@ def train_suite(
                 epochs=settings.pretrain_epochs,
                 **{**common, "max_steps": pretrain_steps},
             )
-            training["pretrain"] = run_stage(suite, dataset, args, collator)
+            training["pretrain"] = _run_stage(suite, dataset, args, collator, settings.optimizer_state)
         set_seed(settings.seed)
         dataset = RoundRobinDataset(
             {n: _tagged(r.plan.task_examples, domain_ids[n]) for n, r in runs.items()},
@@ -343,7 +363,7 @@ def train_suite(
         )
         collator = RoundCollator({n: TaskCollator() for n in names})
         args = default_training_args(Path(work) / "task", epochs=settings.epochs, **common)
-        training["task"] = run_stage(suite, dataset, args, collator)
+        training["task"] = _run_stage(suite, dataset, args, collator, settings.optimizer_state)
         if settings.finish_steps > 0:
             for name, run in runs.items():
                 set_seed(settings.seed)
@@ -386,6 +406,9 @@ def train_suite(
             "finish_steps": settings.finish_steps,
             "loss_balance": settings.loss_balance,
             "balance_scope": settings.balance_scope,
+            "balance_mix": settings.balance_mix,
+            "optimizer_state": settings.optimizer_state,
+            "data_tokens": served,
             "interleave": settings.interleave,
             "batch_sizes": batch_sizes,
         },
@@ -407,7 +430,9 @@ def trainer_steps(steps: int, n_apps: int, interleave: bool) -> int:
     return steps * n_apps if interleave and steps > 0 else steps
 
 
-BALANCE_SCOPES = ("all", "group")
+BALANCE_SCOPES = ("all", "group", "within")
+BALANCE_MIXES = ("tokens", "batches")
+OPTIMIZER_STATES = ("per_app", "shared")
 
 
 def _check_settings(settings: SuiteSettings) -> None:
@@ -416,6 +441,14 @@ def _check_settings(settings: SuiteSettings) -> None:
     if settings.balance_scope not in BALANCE_SCOPES:
         raise InputValidationError(
             f"suite: balance_scope must be one of {BALANCE_SCOPES}, got {settings.balance_scope!r}"
+        )
+    if settings.balance_mix not in BALANCE_MIXES:
+        raise InputValidationError(
+            f"suite: balance_mix must be one of {BALANCE_MIXES}, got {settings.balance_mix!r}"
+        )
+    if settings.optimizer_state not in OPTIMIZER_STATES:
+        raise InputValidationError(
+            f"suite: optimizer_state must be one of {OPTIMIZER_STATES}, got {settings.optimizer_state!r}"
         )
     if settings.loss_balance not in LOSS_BALANCES:
         raise InputValidationError(
@@ -428,10 +461,69 @@ def _check_settings(settings: SuiteSettings) -> None:
 def _set_balance_scope(suite: Any, scope: str, groups: Mapping[str, list[int]], n_routed: int) -> None:
     from core.moe import DomainMoE
 
-    balance_groups = None if scope == "all" else [*groups.values(), _general(groups, n_routed)]
+    general = _general(groups, n_routed)
+    balance_groups = None if scope == "all" else [*groups.values(), general]
+    # Within groups only, nothing else keeps an app on its own group: a target at an even spread of its tokens
+    # over the experts it may use (its group and the general one).
+    targets = {
+        SUITE_DOMAINS.index(name): (list(experts), len(experts) / (len(experts) + len(general)))
+        for name, experts in groups.items()
+    }
     for module in suite.modules():
         if isinstance(module, DomainMoE):
-            module.set_balance_groups(balance_groups)
+            module.set_balance_groups(balance_groups, with_global=scope != "within")
+            module.set_balance_targets(targets if scope == "within" else None)
+
+
+def data_tokens(examples: Sequence[Mapping[str, Any]], config: Any) -> int:
+    """Routed tokens of encoded examples: every field token, plus the CT patch tokens of a present volume."""
+    from core.data import example_length
+
+    total = 0
+    for example in examples:
+        total += example_length(example)
+        if example.get("volume_present", False) and example.get("volume") is not None:
+            shape = np.asarray(example["volume"]).shape[1:]  # (D, H, W) of a (C, D, H, W) volume
+            total += int(
+                np.prod([size // patch for size, patch in zip(shape, config.volume_patch_size, strict=True)])
+            )
+    return total
+
+
+def _set_balance_mix(suite: Any, weights: list[float]) -> None:
+    from core.moe import DomainMoE
+
+    for module in suite.modules():
+        if isinstance(module, DomainMoE):
+            module.set_balance_mix(weights)
+
+
+def _run_stage(suite: Any, dataset: Any, args: Any, collator: Any, optimizer_state: str) -> dict[str, float]:
+    """One Trainer run of the suite (`core.train.run_stage`), with `TaskAdamW` when the state is per app."""
+    from core.train import run_stage
+
+    if optimizer_state == "shared":
+        return run_stage(suite, dataset, args, collator)
+    from transformers import Trainer
+
+    from core.moe import MoEBalanceCallback
+    from core.multitask import TaskAdamW
+
+    adam = {
+        "multitask": suite,  # not "model": the Trainer takes that key out of the optimizer's arguments
+        "lr": args.learning_rate,
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "eps": args.adam_epsilon,
+    }
+    trainer = Trainer(
+        model=suite,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        callbacks=[MoEBalanceCallback()],
+        optimizer_cls_and_kwargs=(TaskAdamW, adam),
+    )
+    return dict(trainer.train().metrics)
 
 
 def _set_balance_every(suite: Any, calls: int) -> None:
@@ -458,7 +550,7 @@ def _finish_stage(
     own experts adapt to the trunk they ended with, without moving anything another app's part uses.
     """
     from core.multitask import RoundCollator, RoundRobinDataset
-    from core.train import TaskCollator, default_training_args, run_stage
+    from core.train import TaskCollator, default_training_args
 
     # Another shuffle than the joint stage's first batches (which this app's batches started with).
     seed = settings.seed + 1 + domain_id
@@ -471,7 +563,8 @@ def _finish_stage(
     common = {**common, "max_steps": settings.finish_steps}
     args = default_training_args(work / f"finish-{name}", epochs=settings.epochs, **common)
     with suite.finishing(name, experts):
-        return run_stage(suite, dataset, args, RoundCollator({name: TaskCollator()}))
+        collator = RoundCollator({name: TaskCollator()})
+        return _run_stage(suite, dataset, args, collator, settings.optimizer_state)
 
 
 def _general(groups: Mapping[str, list[int]], n_routed_experts: int) -> list[int]:

@@ -209,3 +209,170 @@ def test_balance_every_k_calls_updates_once_on_the_summed_load():
     assert moe.expert_load.sum() == 0
     with pytest.raises(InputValidationError, match="calls >= 1"):
         moe.set_balance_every(0)
+
+
+def _mixed_load(moe: DomainMoE) -> None:
+    """Domain a: 90 assignments on general expert 4; domain b: 10 on general expert 5 (a's batch is 9x b's)."""
+    moe.domain_load.zero_()
+    moe.domain_load[0, 4] = 90
+    moe.domain_load[1, 5] = 10
+    moe.expert_load.copy_(moe.domain_load.sum(dim=0))
+
+
+def test_balance_mix_evens_the_load_for_the_given_domain_mix_not_the_batches():
+    moe = DomainMoE(_config())
+    moe.set_balance_groups([[4, 5]], with_global=False)
+    _mixed_load(moe)
+    moe.update_balance()  # default: the batches' mix, 90 against 10 -> expert 5 gains
+    assert moe.expert_bias[[4, 5]].tolist() == pytest.approx([-0.1, 0.1])
+    # Served equally, each domain puts all its assignments on one expert: 0.5 against 0.5 -> no move.
+    moe.expert_bias.zero_()
+    moe.set_balance_mix([1.0, 1.0])
+    _mixed_load(moe)
+    moe.update_balance()
+    assert moe.expert_bias.abs().sum() == 0
+    # Serving b's tokens 4x as often as a's makes expert 5 the busy one, whatever the batches held.
+    moe.set_balance_mix([1.0, 4.0])
+    _mixed_load(moe)
+    moe.update_balance()
+    assert moe.expert_bias[[4, 5]].tolist() == pytest.approx([0.1, -0.1])
+    assert moe.domain_load.sum() == 0 and moe.expert_load.sum() == 0
+
+
+def test_balance_mix_counts_only_the_domains_seen_since_the_last_update():
+    moe = DomainMoE(_config())
+    moe.set_balance_groups([[4, 5]], with_global=False)
+    moe.set_balance_mix([1.0, 100.0])
+    moe.domain_load[0, 4], moe.domain_load[0, 5] = 30, 10  # only domain a trained: its own shares decide
+    moe.update_balance()
+    assert moe.expert_bias[[4, 5]].tolist() == pytest.approx([-0.1, 0.1])
+
+
+def test_training_forward_keeps_each_domains_load_while_a_mix_is_set():
+    torch.manual_seed(0)
+    moe = DomainMoE(_config()).train()
+    hidden = torch.randn(2, 5, 32)
+    domains = torch.tensor([0, 1])
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    moe(hidden, domains, mask)
+    assert moe.domain_load.sum() == 0  # nothing kept without a mix
+    moe.set_balance_mix([1.0, 1.0])
+    moe(hidden, domains, mask)
+    assert moe.domain_load.sum(dim=1).tolist() == [5 * 2, 3 * 2]  # real tokens x top_k per domain
+    assert moe.domain_load.sum(dim=0).tolist() == (moe.expert_load // 2).tolist()
+    moe.eval()
+    moe(hidden, domains, mask)
+    assert moe.domain_load.sum(dim=1).tolist() == [5 * 2, 3 * 2]  # inference does not balance
+
+
+@pytest.mark.parametrize("weights", [[1.0], [1.0, -1.0], [0.0, 0.0], [1.0, float("nan")]])
+def test_invalid_balance_mix_is_rejected(weights):
+    with pytest.raises(InputValidationError, match="non-negative weights"):
+        DomainMoE(_config()).set_balance_mix(weights)
+
+
+def test_task_adamw_with_one_task_is_adamw():
+    from core.multitask import TaskAdamW
+
+    torch.manual_seed(0)
+    reference, model = CoreModel(_config()), CoreModel(_config())
+    model.load_state_dict(reference.state_dict())
+    suite = MultiTaskModel({"a": model})
+    optimizers = (
+        torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1, foreach=False),
+        TaskAdamW(suite.parameters(), suite, lr=1e-2, weight_decay=0.1),
+    )
+    for step in range(3):
+        batch = _batch(0, step)
+        for optimizer, run in zip(optimizers, (reference, lambda **b: suite({"a": b})), strict=True):
+            optimizer.zero_grad()
+            run(**batch).loss.backward()
+            optimizer.step()
+    for expected, got in zip(reference.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_task_adamw_keeps_one_moment_state_per_task_on_shared_parameters():
+    from core.multitask import TaskAdamW
+
+    suite = _suite()
+    optimizer = TaskAdamW(suite.parameters(), suite, lr=1e-2)
+    for task, domain in (("a", 0), ("b", 1), ("a", 0)):
+        optimizer.zero_grad()
+        suite({task: _batch(domain, 0)}).loss.backward()
+        optimizer.step()
+    shared = trunk_parameters(suite.tasks["a"])[0]
+    assert sorted(optimizer.state[shared]) == ["a", "b"]
+    assert optimizer.state[shared]["a"]["step"] == 2 and optimizer.state[shared]["b"]["step"] == 1
+    private = [list(optimizer.state[p]) for p in suite.private_parameters("b") if optimizer.state[p]]
+    assert private and all(keys == ["b"] for keys in private)  # task b's own parameters: one state
+
+
+def test_task_adamw_needs_a_forward_pass_first():
+    from core.multitask import TaskAdamW
+
+    suite = _suite()
+    with pytest.raises(ConfigError, match="no forward pass"):
+        TaskAdamW(suite.parameters(), suite).step()
+
+
+def test_data_tokens_count_field_tokens_and_present_ct_patches():
+    from apps.suite.train import data_tokens
+
+    config = CoreConfig(volume_patch_size=(4, 8, 8), categorical_fields={"x": 10}, num_labels=2)
+    volume = np.zeros((3, 16, 32, 32), dtype=np.float32)  # 4 x 4 x 4 patches
+    examples = [
+        {"numeric": np.zeros((26, 1)), "volume": volume, "volume_present": True},
+        {"numeric": np.zeros((20, 1)), "volume": volume, "volume_present": False},
+        {"time_delta": np.zeros(7)},
+    ]
+    assert data_tokens(examples, config) == 26 + 64 + 20 + 7
+
+
+def test_a_smaller_task_is_reshuffled_each_time_it_starts_over():
+    from core.multitask import RoundRobinDataset
+
+    examples = {"a": [{"i": i} for i in range(60)], "b": [{"i": i} for i in range(12)]}
+    dataset = RoundRobinDataset(examples, {"a": 2, "b": 2}, seed=3)  # 30 rounds: five passes over b
+    passes = [[tuple(e["i"] for e in dataset[r]["b"]) for r in range(p * 6, p * 6 + 6)] for p in range(5)]
+    for batches in passes:
+        assert sorted(i for batch in batches for i in batch) == list(
+            range(12)
+        )  # each pass: every example once
+    assert len({tuple(batches) for batches in passes}) > 1  # not the same batches over and over
+    again = RoundRobinDataset(examples, {"a": 2, "b": 2}, seed=3)
+    assert [again[r]["b"] for r in range(30)] == [dataset[r]["b"] for r in range(30)]  # reproducible
+
+
+def test_target_moves_a_domains_whole_group_towards_its_share_both_ways():
+    moe = DomainMoE(_config())
+    moe.set_balance_groups([[0, 1], [2, 3], [4, 5]], with_global=False)
+    moe.set_balance_targets({0: ([0, 1], 0.5), 1: ([2, 3], 0.5)})
+    moe.domain_load[0, 4], moe.domain_load[0, 0] = 90, 10  # a: 10% on its group (target 50%)
+    moe.domain_load[1, 2], moe.domain_load[1, 5] = 60, 40  # b: 60% on its group
+    moe.expert_load.copy_(moe.domain_load.sum(dim=0))
+    moe.update_balance()
+    within = [-0.1, 0.1, -0.1, 0.1, -0.1, 0.1]  # group terms (loads 10/0, 60/0, 90/40)
+    target = [0.1, 0.1, -0.1, -0.1, 0.0, 0.0]  # a's group up, b's group down
+    expected = [w + t for w, t in zip(within, target, strict=True)]
+    assert moe.expert_bias.tolist() == pytest.approx(expected)
+    assert moe.domain_load.sum() == 0
+
+
+def test_suite_balancing_within_groups_sets_each_apps_target():
+    from apps.suite.train import _set_balance_scope
+
+    suite = _suite()
+    groups = {"finance": [0, 1], "medical": [2, 3]}  # general: 4, 5
+    _set_balance_scope(suite, "within", groups, 6)
+    moe = next(m for m in suite.modules() if isinstance(m, DomainMoE))
+    assert moe.balance_targets == {0: ([0, 1], 0.5), 1: ([2, 3], 0.5)}
+    assert not moe.balance_global
+    _set_balance_scope(suite, "group", groups, 6)
+    assert moe.balance_targets == {} and moe.balance_global
+
+
+@pytest.mark.parametrize("targets", [{5: ([0], 0.5)}, {0: ([9], 0.5)}, {0: ([], 0.5)}, {0: ([0], 1.5)}])
+def test_invalid_balance_targets_are_rejected(targets):
+    with pytest.raises(InputValidationError, match="set_balance_targets"):
+        DomainMoE(_config()).set_balance_targets(targets)

@@ -58,3 +58,21 @@ def test_routing_of_a_folder_without_suite_json_is_a_clear_error(suite_run, tmp_
     result = invoke("suite", "routing", "--model", tmp_path)
     assert result.exit_code == 1
     assert "not a suite model directory" in result.output
+
+
+def test_low_use_skips_the_groups_of_apps_the_run_did_not_train(tmp_path):
+    groups = {"finance": [0, 1], "medical": [2, 3], "general": [4, 5]}
+    counts = {"medical": [0, 0, 30, 1, 20, 9]}  # expert 3: 1 of 31 medical-group assignments (3.2%)
+    suite = {
+        "domains": ["medical"],
+        "expert_groups": groups,
+        "trunk": {"n_routed_experts": 6},
+        "routing": {"layers": [{"counts": counts, "mass": counts}]},
+    }
+    (tmp_path / "suite.json").write_text(json.dumps(suite))
+    low = routing_report(tmp_path)["layers"][0]["low_use_experts"]
+    assert low == []  # finance's experts 0 and 1 idle: finance was not trained, so no group of it to judge
+    counts["medical"][3] = 0
+    (tmp_path / "suite.json").write_text(json.dumps(suite))
+    low = routing_report(tmp_path)["layers"][0]["low_use_experts"]
+    assert [(x["expert"], x["group"]) for x in low] == [(3, "medical")]
