@@ -397,6 +397,19 @@ def _override_text(settings: dict) -> str:
     return "".join(f", {name}={value}" for name, value in overrides.items())
 
 
+def _stage0_text(settings: dict) -> str:
+    """The stem's stage 0, when the run's model has a CT stem (`Diagnoser.pretrain_stem`)."""
+    overrides = settings.get("config_overrides") or {}
+    stem = overrides.get("volume_stem_channels", 16 if settings.get("preset") == "cnn" else 0)
+    if not stem or not settings.get("stem_epochs"):
+        return ""
+    frozen = "frozen" if settings.get("freeze_stem", True) else "trained on"
+    return (
+        f"; stage 0: the CT stem alone, {settings['stem_epochs']} epochs at peak lr "
+        f"{settings.get('stem_learning_rate')}, then {frozen}"
+    )
+
+
 def write_markdown(results: dict) -> str:
     lines = ["# Medical benchmark", ""]
     if "accuracy" in results:
@@ -405,7 +418,7 @@ def write_markdown(results: dict) -> str:
         lines += [
             f"Held-out semi-synthetic test set: {s['test_cases']} cases, trained on {s['train_cases']} "
             f"({s['preset']} preset{_override_text(s)}, {s['epochs']} epochs, batch {s['batch_size']}, "
-            f"lr {s['learning_rate']}, series {s['shape']}, device {s['device']}).",
+            f"lr {s['learning_rate']}, series {s['shape']}, device {s['device']}{_stage0_text(s)}).",
             "",
         ]
         models = acc["models"]
