@@ -38,7 +38,9 @@ def train(
     epochs: Annotated[float, typer.Option(help="Task epochs (stage 2).")] = 3.0,
     pretrain_epochs: Annotated[float, typer.Option(help="Masked-field epochs (stage 1); 0 skips it.")] = 1.0,
     learning_rate: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-3,
-    medical_preset: Annotated[str, typer.Option(help="Medical CT grid preset: small or tiny.")] = "small",
+    medical_preset: Annotated[
+        str, typer.Option(help="Medical preset: small, cnn (CT stem, trained alone first) or tiny.")
+    ] = "small",
     max_steps: Annotated[int, typer.Option(help="Cap on batches per app and stage (-1: none).")] = -1,
     finish_steps: Annotated[
         int,

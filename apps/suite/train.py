@@ -3,7 +3,8 @@
 Each app prepares its training exactly as its own `fit` does (`prepare_fit`: reading, validation split,
 encoders, examples, config), with the suite's trunk fields. The apps' models are tied to one trunk
 (`core.multitask`), every token is tagged with its app as domain id, and `transformers.Trainer` runs stage 1
-(masked-field modelling on every app) and stage 2 (every app's task). By default the apps' batches take turns,
+(masked-field modelling on every app) and stage 2 (every app's task); an app with a stage 0 of its own (the
+medical CT stem, `Diagnoser.pretrain_stem`) runs it first, on its part alone, as its own `fit` does. By default the apps' batches take turns,
 one optimizer step each (`SuiteSettings.interleave`): summed into one step, the gradient clip and Adam's
 scaling of the shared trunk are set by the app with the largest gradients (medical), which starves the others
 (fraud's loss stayed ~0.04 above its own model's). Each app thus gets the batches and the optimizer updates
@@ -66,7 +67,7 @@ class SuiteSettings:
         seed: seeds everything.
         max_steps: cap on task batches per app (-1: by epochs); joint, one step is a batch of every app.
         pretrain_max_steps: the same cap for stage 1 when it differs from `max_steps` (None: `max_steps`).
-        medical_preset: the medical CT grid and attention preset (`"small"`, `"tiny"`).
+        medical_preset: the medical preset (`"small"`, `"cnn"`: with the CT stem and its stage 0, `"tiny"`).
         finish_steps: stage-2 steps per app after the joint steps, in which only that app's embedders,
             heads and domain expert group train (`MultiTaskModel.finishing`), one app after the other; the
             app parts keep one shared trunk. 0 skips it.
@@ -333,6 +334,13 @@ def train_suite(
     training: dict[str, dict[str, float]] = {}
     transforms = {n: t for n, r in runs.items() if (t := r.training_transform()) is not None}
     with tempfile.TemporaryDirectory(prefix="suite-train-") as work:
+        for name, run in runs.items():  # stage 0 of an app that has one (the medical CT stem), alone
+            pretrain_stem = getattr(run.predictor, "pretrain_stem", None)
+            if pretrain_stem is not None:
+                set_seed(settings.seed)
+                stem_metrics = pretrain_stem(models[name], run.plan, Path(work) / f"stem_{name}")
+                if stem_metrics is not None:
+                    training[f"stem_{name}"] = stem_metrics
         if settings.pretrain_epochs > 0:
             set_seed(settings.seed)
             dataset = RoundRobinDataset(

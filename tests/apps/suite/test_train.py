@@ -115,3 +115,27 @@ def test_expert_groups_split_the_experts_evenly_and_need_enough_experts():
     assert groups == {"finance": [0, 1, 2, 3], "medical": [4, 5, 6, 7], "education": [8, 9, 10, 11]}
     with pytest.raises(ConfigError, match="cannot form 4 groups"):
         expert_groups(3)
+
+
+def test_suite_runs_the_medical_stage_0_on_the_medical_part_first(suite_run, tmp_path, monkeypatch):
+    """The suite trains a CT stem as the diagnoser's own `fit` does: stage 0 on the medical part, first."""
+    from apps.medical.predictor import Diagnoser
+    from apps.suite.train import SuiteSettings, train_suite
+    from core.model import CoreModel
+
+    calls = []
+
+    def recording_stage0(self, model, plan, work):
+        calls.append((model, plan))
+        return {"train_loss": 1.5}
+
+    monkeypatch.setattr(Diagnoser, "pretrain_stem", recording_stage0)
+    settings = SuiteSettings(
+        medical_preset="tiny", epochs=1, pretrain_epochs=0, max_steps=1, show_progress=False
+    )
+    train_suite({"medical": suite_run.medical}, tmp_path / "suite", settings)
+    assert len(calls) == 1
+    model, plan = calls[0]
+    assert isinstance(model, CoreModel) and model.config.num_labels == len(plan.context["labels"])
+    summary = json.loads((tmp_path / "suite" / "suite.json").read_text())
+    assert summary["training"]["stem_medical"] == {"train_loss": 1.5}
