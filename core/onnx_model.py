@@ -918,8 +918,16 @@ class _OnnxHead:
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def __call__(
-        self, hidden_states: torch.Tensor, next_item_ids: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        next_item_ids: torch.Tensor | None = None,
+        next_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if next_features is not None:  # `NextStepHead`'s extra item features are not exported
+            raise InputValidationError(
+                "ONNX next_step head: this graph takes no next-item features (next_step_feature_buckets); "
+                "run the model in PyTorch"
+            )
         lead = hidden_states.shape[:-1]
         feed = {
             "hidden_states": hidden_states.detach().reshape(-1, hidden_states.shape[-1]).float().cpu().numpy()

@@ -149,3 +149,18 @@ def test_compress_rejects_bad_options(compressed, runner, tmp_path):
         app, ["compress", "--model", str(tmp_path), "--data", data, "--out", str(tmp_path / "x"), "--int8"]
     )
     assert missing.exit_code == 1 and "not a verticals model directory" in missing.output
+
+
+def test_onnx_next_step_head_rejects_next_item_features(compressed):
+    """The exported head has no practice-feature embeddings: features given to it are an error, not ignored."""
+    import torch
+
+    from core.errors import InputValidationError
+    from core.onnx_model import OnnxCoreModel
+
+    model = OnnxCoreModel(compressed["work"] / "int8")
+    hidden = torch.zeros(1, 2, model.config.hidden_size)
+    items = torch.ones(1, 2, dtype=torch.long)
+    assert model.next_step(hidden, items).shape == (1, 2)
+    with pytest.raises(InputValidationError, match="no next-item features"):
+        model.next_step(hidden, items, next_features=torch.ones(1, 2, 4, dtype=torch.long))
