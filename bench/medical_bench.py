@@ -76,11 +76,12 @@ def _record_only(cases):
 _VIEWS = {"fusion": (lambda c: c), "image_only": _image_only, "record_only": _record_only}
 
 
-def _fit_variant(name: str, preset: str, settings: dict, work: str, model_dir: str | None = None):
-    """Train one variant on ``work/train`` and score it on ``work/test``: (metrics, diagnoser), or only the
-    metrics when `model_dir` is given (the model is saved there; a process of its own returns it that way)."""
+def _fit_variant(name: str, preset: str, settings: dict, work: str, model_dir: str | None = None, cases=None):
+    """Train one variant on ``work/train`` and score it on ``work/test`` (or on `cases`, the two already
+    read): (metrics, diagnoser), or only the metrics when `model_dir` is given (the model is saved there; a
+    process of its own returns it that way)."""
     view = _VIEWS[name]
-    train, test = read_cases(Path(work) / "train"), read_cases(Path(work) / "test")
+    train, test = cases or (read_cases(Path(work) / "train"), read_cases(Path(work) / "test"))
     t0 = time.perf_counter()
     diagnoser = Diagnoser(preset, labels=list(BASE), **settings).fit(view(train))
     fit_s = time.perf_counter() - t0
@@ -157,7 +158,9 @@ def phase_accuracy(args, work: Path, results: dict) -> dict:
         models = {name: Diagnoser.load(model_dirs[name], device=args.device) for name in names}
     else:
         for name in names:
-            table[name], models[name] = _fit_variant(name, args.preset, settings, str(work))
+            table[name], models[name] = _fit_variant(
+                name, args.preset, settings, str(work), cases=(train, test)
+            )
             _print_variant(name, table[name])
     state = {"fusion": models.get("fusion"), "train": train, "test": test, "rare": read_cases(work / "rare")}
     if len(table) < 3:
