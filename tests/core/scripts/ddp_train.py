@@ -57,6 +57,11 @@ def main(output_dir: str) -> None:
         "expert_bias": bias,
     }
     print("RESULT " + json.dumps(record), flush=True)
+    # Left to interpreter shutdown, gloo's threads can be torn down mid-run ("terminate called without an
+    # active exception", SIGABRT): end the process group first, once every rank is done.
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
