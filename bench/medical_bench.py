@@ -175,6 +175,8 @@ def phase_accuracy(args, work: Path, results: dict) -> dict:
             "train_cases": len(train),
             "test_cases": len(test),
             "seed": args.seed,
+            # What the preset and the overrides gave the trained model (0: linear patch embedding).
+            "volume_stem_channels": models["fusion"].model_.config.volume_stem_channels,
         },
         "models": table,
         "fusion_minus_best_single_auroc": table["fusion"]["auroc_macro"] - best_single,
@@ -403,7 +405,7 @@ def _override_text(settings: dict) -> str:
 def _stage0_text(settings: dict) -> str:
     """The stem's stage 0, when the run's model has a CT stem (`Diagnoser.pretrain_stem`)."""
     overrides = settings.get("config_overrides") or {}
-    stem = overrides.get("volume_stem_channels", 16 if settings.get("preset") == "cnn" else 0)
+    stem = settings.get("volume_stem_channels", overrides.get("volume_stem_channels", 0))
     if not stem or not settings.get("stem_epochs"):
         return ""
     frozen = "frozen" if settings.get("freeze_stem", True) else "trained on"
