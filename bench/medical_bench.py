@@ -10,7 +10,9 @@ Phases (``--phases``, comma-separated):
 - ``fewshot``: on the fusion model, >= 200 episodes per k in (1, 5, 20): k support cases of the rare class
   give its prototype (`Diagnoser.add_class`, no retraining); the query is 20 other rare cases + 20 base test
   cases. Reports 6-way query accuracy and rare-class recall with 95 % intervals, against a logistic
-  regression (class-balanced) fitted on the same embeddings (base training cases + the k support cases).
+  regression (class-balanced) fitted on the same embeddings (base training cases + the k support cases),
+  and the paired accuracy difference (both see the same episodes). The fusion model's outputs are saved as
+  ``medical_fewshot_outputs.npz``; ``--fewshot-outputs FILE`` draws the episodes again from such a file.
 - ``latency``: per case on the CPU (``torch.set_num_threads(2)``): read a 64-slice 512 x 512 DICOM series and
   its record, resample, run the model (``predict``) and, separately, ``explain``; p50/p95 over repeats. With
   ``--int8`` the same for the int8 ONNX Runtime artifact that `core.compress` makes of the model.
@@ -18,6 +20,7 @@ Phases (``--phases``, comma-separated):
 Usage:
     python bench/medical_bench.py --phases accuracy,fewshot --device cuda --train-cases 400
     python bench/medical_bench.py --phases latency --model bench/results/medical_model --int8
+    python bench/medical_bench.py --phases fewshot --fewshot-outputs medical_fewshot_outputs.npz
 Results are merged into ``<out>/medical_bench.json`` and ``<out>/medical_bench.md``.
 """
 
@@ -243,43 +246,59 @@ def phase_design(args, results: dict) -> None:
 
 
 def phase_fewshot(args, state: dict, results: dict) -> None:
-    from sklearn.linear_model import LogisticRegression
-
     diagnoser, train, test, rare = state["fusion"], state["train"], state["test"], state["rare"]
     _, train_emb = diagnoser.outputs(train)
     test_logits, test_emb = diagnoser.outputs(test)
     rare_logits, rare_emb = diagnoser.outputs(rare)
-    train_y = np.array([c.label for c in train])
-    test_y = np.array([c.label for c in test])
-    # The fusion model's outputs, so the few-shot path can be studied again without retraining (on a CPU).
-    np.savez_compressed(
-        args.out / "medical_fewshot_outputs.npz",
-        classes=np.array(diagnoser.classes_),
-        base_prototypes=diagnoser.prototypes_.base.detach().cpu().numpy(),
-        train_embeddings=train_emb,
-        train_labels=train_y,
-        test_logits=test_logits,
-        test_embeddings=test_emb,
-        test_labels=test_y,
-        rare_logits=rare_logits,
-        rare_embeddings=rare_emb,
-    )
+    outputs = {
+        "classes": np.array(diagnoser.classes_),
+        "base_prototypes": diagnoser.prototypes_.base.detach().cpu().numpy(),
+        "train_embeddings": train_emb,
+        "train_labels": np.array([c.label for c in train]),
+        "test_logits": test_logits,
+        "test_embeddings": test_emb,
+        "test_labels": np.array([c.label for c in test]),
+        "rare_logits": rare_logits,
+        "rare_embeddings": rare_emb,
+    }
+    # The fusion model's outputs, so the episodes can be drawn again without retraining (--fewshot-outputs).
+    np.savez_compressed(args.out / "medical_fewshot_outputs.npz", **outputs)
+    fewshot_episodes(args, outputs, results)
+
+
+def fewshot_episodes(args, outputs, results: dict) -> None:
+    """>= 200 episodes per k: the prototype path (`apps.medical.predictor`) vs logistic regression.
+
+    Both see the same support and query cases in each episode, so the paired difference is reported too.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    from apps.medical.predictor import class_prototype, fewshot_probabilities
+
+    train_emb, train_y = outputs["train_embeddings"], outputs["train_labels"]
+    test_logits, test_emb, test_y = outputs["test_logits"], outputs["test_embeddings"], outputs["test_labels"]
+    rare_logits, rare_emb = outputs["rare_logits"], outputs["rare_embeddings"]
+    classes = np.array([*outputs["classes"], RARE])
+    base_prototypes = torch.as_tensor(outputs["base_prototypes"])
     rng = np.random.default_rng(args.seed)
     out = {}
     for k in (1, 5, 20):
         proto_acc, proto_recall, lr_acc, lr_recall = [], [], [], []
         for _ in range(args.episodes):
-            order = rng.permutation(len(rare))
+            order = rng.permutation(len(rare_emb))
             support, query_rare = order[:k], order[k : k + 20]
-            query_base = rng.choice(len(test), size=min(20, len(test)), replace=False)
+            query_base = rng.choice(len(test_emb), size=min(20, len(test_emb)), replace=False)
             q_logits = np.concatenate([rare_logits[query_rare], test_logits[query_base]])
             q_emb = np.concatenate([rare_emb[query_rare], test_emb[query_base]])
             q_y = np.array([RARE] * len(query_rare) + list(test_y[query_base]))
             is_rare = q_y == RARE
-            diagnoser.add_class_from_embeddings(RARE, rare_emb[support], [str(i) for i in support])
-            classes = np.array(diagnoser.classes_)
-            predicted = classes[diagnoser.proba_from_outputs(q_logits, q_emb).argmax(axis=1)]
-            diagnoser.remove_class(RARE)
+            proba = fewshot_probabilities(
+                torch.as_tensor(q_logits),
+                torch.as_tensor(q_emb),
+                base_prototypes,
+                [class_prototype(rare_emb[support])],
+            )
+            predicted = classes[proba.numpy().argmax(axis=1)]
             proto_acc.append(float((predicted == q_y).mean()))
             proto_recall.append(float((predicted[is_rare] == RARE).mean()))
             baseline = LogisticRegression(max_iter=500, class_weight="balanced")
@@ -294,11 +313,14 @@ def phase_fewshot(args, state: dict, results: dict) -> None:
             "prototype_rare_recall": _interval(proto_recall),
             "logreg_accuracy": _interval(lr_acc),
             "logreg_rare_recall": _interval(lr_recall),
+            "accuracy_difference": _interval(np.subtract(proto_acc, lr_acc)),
             "episodes": args.episodes,
         }
         p, lr = out[f"{k}_shot"]["prototype_accuracy"], out[f"{k}_shot"]["logreg_accuracy"]
+        diff = out[f"{k}_shot"]["accuracy_difference"]
         print(
-            f"{k:>2}-shot: prototype {p[0]:.3f} [{p[1]:.3f}, {p[2]:.3f}]  logreg {lr[0]:.3f} [{lr[1]:.3f}, {lr[2]:.3f}]",
+            f"{k:>2}-shot: prototype {p[0]:.3f} [{p[1]:.3f}, {p[2]:.3f}]  logreg {lr[0]:.3f} "
+            f"[{lr[1]:.3f}, {lr[2]:.3f}]  paired difference {diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]",
             flush=True,
         )
     results["fewshot"] = {"query": "20 rare + 20 base test cases, 6-way", **out}
@@ -375,6 +397,7 @@ def phase_latency(args, work: Path, results: dict) -> None:
         "threads": 2,
         "cpu": platform.processor() or platform.machine(),
         "load_average_1m_at_start": os.getloadavg()[0],  # other work on the machine skews absolute times
+        "cpu_count": os.cpu_count(),
     }
     models = {"fp32": Diagnoser.load(model_dir)}
     if args.int8:
@@ -469,15 +492,18 @@ def write_markdown(results: dict) -> str:
         lines += [
             f"Few-shot `{RARE}` ({few['query']}), mean [95 % interval] over episodes:",
             "",
-            "| shots | episodes | prototype acc | logreg acc | prototype rare recall | logreg rare recall |",
-            "|---|---|---|---|---|---|",
+            "| shots | episodes | prototype acc | logreg acc | prototype - logreg (paired) "
+            "| prototype rare recall | logreg rare recall |",
+            "|---|---|---|---|---|---|---|",
         ]
         for k in (1, 5, 20):
             e = few[f"{k}_shot"]
             cell = lambda v: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"  # noqa: E731
+            diff = e.get("accuracy_difference")
+            paired = f"{diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]" if diff else "-"
             lines.append(
                 f"| {k} | {e['episodes']} | {cell(e['prototype_accuracy'])} | {cell(e['logreg_accuracy'])} | "
-                f"{cell(e['prototype_rare_recall'])} | {cell(e['logreg_rare_recall'])} |"
+                f"{paired} | {cell(e['prototype_rare_recall'])} | {cell(e['logreg_rare_recall'])} |"
             )
         lines.append("")
     if "latency" in results:
@@ -485,7 +511,7 @@ def write_markdown(results: dict) -> str:
         lines += [
             f"CPU latency per case ({lat['series']}, {lat['threads']} threads, model: {lat['model']}; "
             f"1-minute load average {lat.get('load_average_1m_at_start', float('nan')):.1f} on "
-            f"{os.cpu_count()} cores at the start):",
+            f"{lat.get('cpu_count', os.cpu_count())} cores at the start):",
             "",
             "| path | p50 s | p95 s | mean s |",
             "|---|---|---|---|",
@@ -547,6 +573,11 @@ def main() -> None:
     )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="data generation processes")
     parser.add_argument("--episodes", type=int, default=200)
+    parser.add_argument(
+        "--fewshot-outputs",
+        type=Path,
+        help="fewshot: draw the episodes again from a saved medical_fewshot_outputs.npz (no training)",
+    )
     parser.add_argument("--design-cases", type=int, default=3000, help="design: drawn training cases")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--seed", type=int, default=11)
@@ -576,7 +607,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="medical-bench-") as tmp:
         work = Path(tmp)
-        if "accuracy" in phases or "fewshot" in phases:
+        if args.fewshot_outputs is not None:
+            with np.load(args.fewshot_outputs) as saved:
+                fewshot_episodes(args, dict(saved), results)
+            save()
+        elif "accuracy" in phases or "fewshot" in phases:
             state = phase_accuracy(args, work, results)
             save()
             if "fewshot" in phases:

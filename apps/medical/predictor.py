@@ -376,15 +376,8 @@ class Diagnoser:
 
     def _probability_tensor(self, logits: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         """`_probabilities` as a (differentiable) tensor on the inputs' device."""
-        base = torch.softmax(logits, dim=-1)  # (N, K_base)
-        if not self.prototypes_.added:
-            return base
-        prototypes = torch.cat([self.prototypes_.base, torch.stack(list(self.prototypes_.added.values()))])
-        prototypes = prototypes.to(embeddings.device)
-        proto = torch.softmax(prototype_logits(embeddings, prototypes, PROTOTYPE_SCALE), dim=-1)  # (N, K)
-        added = proto[:, len(self.labels_) :]  # (N, K_added)
-        novel = added.sum(dim=1, keepdim=True)  # (N, 1)
-        return torch.cat([base * (1.0 - novel), added], dim=1)
+        added = list(self.prototypes_.added.values())
+        return fewshot_probabilities(logits, embeddings, self.prototypes_.base, added)
 
     def predict_proba(self, cases: Sequence[MedicalCase]) -> np.ndarray:
         """Class probabilities, ``(N, len(classes_))``, rows summing to 1, columns in `classes_` order."""
@@ -637,8 +630,7 @@ class Diagnoser:
             raise InputValidationError(
                 f"add_class: no support cases for class {name!r}; expected at least one"
             )
-        mean = torch.as_tensor(np.asarray(embeddings, dtype=np.float32)).mean(dim=0)
-        self.prototypes_.added[name] = F.normalize(mean, dim=0)
+        self.prototypes_.added[name] = class_prototype(embeddings)
         self.prototypes_.shots[name] = list(case_ids)
         return self
 
@@ -757,6 +749,34 @@ class Diagnoser:
 
         digest = hashlib.sha256(weights_file(self.model_dir_).read_bytes()).hexdigest()
         return digest[:16]
+
+
+def class_prototype(embeddings: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A class's prototype from its cases' embeddings ``(k, P)``: their L2-normalised mean ``(P,)``."""
+    mean = torch.as_tensor(np.asarray(embeddings, dtype=np.float32)).mean(dim=0)
+    return F.normalize(mean, dim=0)
+
+
+def fewshot_probabilities(
+    logits: torch.Tensor,
+    embeddings: torch.Tensor,
+    base_prototypes: torch.Tensor,
+    added_prototypes: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """Class probabilities ``(N, K_base + K_added)`` with few-shot classes added to a trained classifier.
+
+    The prototype path (softmax over the cosine logits of every prototype, base classes included)
+    estimates how likely each case belongs to an added class; the classifier (softmax of `logits`,
+    ``(N, K_base)``) shares the remaining probability among the base classes. Rows sum to 1.
+    """
+    base = torch.softmax(logits, dim=-1)  # (N, K_base)
+    if not added_prototypes:
+        return base
+    prototypes = torch.cat([base_prototypes, torch.stack(list(added_prototypes))]).to(embeddings.device)
+    proto = torch.softmax(prototype_logits(embeddings, prototypes, PROTOTYPE_SCALE), dim=-1)  # (N, K)
+    added = proto[:, base_prototypes.shape[0] :]  # (N, K_added)
+    novel = added.sum(dim=1, keepdim=True)  # (N, 1)
+    return torch.cat([base * (1.0 - novel), added], dim=1)
 
 
 def _class_means(embeddings: torch.Tensor, targets: np.ndarray, n_classes: int) -> torch.Tensor:

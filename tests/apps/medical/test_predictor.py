@@ -6,9 +6,11 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from apps.medical.predictor import Diagnoser, classification_metrics
+from apps.medical.predictor import Diagnoser, class_prototype, classification_metrics, fewshot_probabilities
 from apps.medical.schema import MedicalCase
 from core.errors import InputValidationError, NotFittedError
 
@@ -140,3 +142,27 @@ def test_mirror_volume_flips_the_ct_half_the_time_and_never_the_stored_example()
     np.testing.assert_array_equal(example["volume"], np.arange(48, dtype=np.float32).reshape(2, 2, 3, 4))
     absent = {"volume": volume, "volume_present": False}
     assert all(mirror(absent) is absent for _ in range(20))  # no CT: nothing to mirror
+
+
+def test_fewshot_probabilities_add_a_class_to_the_classifier():
+    generator = torch.Generator().manual_seed(0)
+    base = F.normalize(torch.randn(3, 8, generator=generator), dim=-1)
+    support = F.normalize(torch.randn(4, 8, generator=generator), dim=-1) + 2.0 * F.normalize(
+        torch.randn(8, generator=generator), dim=0
+    )
+    novel = class_prototype(support)
+    assert torch.allclose(novel.norm(), torch.tensor(1.0))
+    logits = torch.randn(5, 3, generator=generator)
+    queries = torch.cat([novel[None], base])  # one case on the novel prototype, one on each base one
+    queries = torch.cat([queries, F.normalize(torch.randn(1, 8, generator=generator), dim=-1)])
+
+    without = fewshot_probabilities(logits, queries, base, [])
+    assert torch.allclose(without, torch.softmax(logits, dim=-1))
+
+    proba = fewshot_probabilities(logits, queries, base, [novel])
+    assert proba.shape == (5, 4)
+    assert torch.allclose(proba.sum(dim=1), torch.ones(5), atol=1e-6)
+    assert proba[0].argmax() == 3  # the case on the novel prototype goes to the added class
+    assert (proba[1:4, 3] < proba[0, 3]).all()
+    # the base classes keep the classifier's ranking: only their shared mass shrinks
+    assert torch.equal(proba[:, :3].argsort(dim=1), torch.softmax(logits, dim=-1).argsort(dim=1))
