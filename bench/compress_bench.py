@@ -26,6 +26,8 @@ Usage:
     .venv/bin/python bench/compress_bench.py                      # trains the suite (~3 min), CPU, 1 thread
     .venv/bin/python bench/compress_bench.py --suite-model /tmp/verticals_compress_bench/suite
     .venv/bin/python bench/compress_bench.py --apps education --qat-steps 50
+    # width study (a suite at another trunk width; leave bench/results alone with --out):
+    .venv/bin/python bench/compress_bench.py --apps finance education --hidden-size 256 --work W --out W/results
 Writes bench/results/compress_bench.json and .md. ONNX Runtime runs on the CPU; `--device cuda` only trains
 the suite on the GPU.
 """
@@ -33,6 +35,7 @@ the suite on the GPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -70,10 +73,29 @@ def suite_model(work: Path, data: dict[str, Any], args: argparse.Namespace) -> P
 
     if args.suite_model:
         return args.suite_model
+    settings = dataclasses.replace(suite_settings(args), trunk=trunk_changes(args))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        train_suite(data["train"], work / "suite", suite_settings(args))
+        train_suite(data["train"], work / "suite", settings)
     return work / "suite"
+
+
+def suite_trunk(suite: Path) -> dict[str, Any]:
+    """The widths of the suite's shared trunk (`suite.json`), for the report."""
+    trunk = json.loads((suite / "suite.json").read_text()).get("trunk", {})
+    return {k: trunk[k] for k in ("hidden_size", "ffn_size", "num_heads", "num_layers") if k in trunk}
+
+
+def trunk_changes(args: argparse.Namespace) -> dict[str, int]:
+    """Changes to the suite trunk (`apps.suite.config.TRUNK`) for a width study: `--hidden-size` (and
+    `--ffn-size`, by default the hidden size, as in the preset); none by default."""
+    changes = {}
+    if args.hidden_size is not None:
+        changes["hidden_size"] = args.hidden_size
+        changes["ffn_size"] = args.ffn_size or args.hidden_size
+    elif args.ffn_size is not None:
+        changes["ffn_size"] = args.ffn_size
+    return changes
 
 
 def _finance_paths(parent: Path, artifact: Path, test: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -270,7 +292,8 @@ def matmul_share(profile: dict[str, Any]) -> float:
 
 def remeasure_latency(results: dict[str, Any], meta: dict[str, Any], args: argparse.Namespace) -> None:
     """Time every artifact of a saved run again against its fp32 parent (`--repeats` interleaved forwards),
-    and profile both at batch 64 again (the same conditions for the timings and their breakdown)."""
+    profile both at batch 64 again (the same conditions for the timings and their breakdown), and time the
+    finance and medical app paths again."""
     from apps.compress_cli import APP_TASKS, _subsample
     from core.compress import latency_report
     from core.train import load_checkpoint
@@ -296,6 +319,11 @@ def remeasure_latency(results: dict[str, Any], meta: dict[str, Any], args: argpa
             for variant in result["profile_b64"]
         }
         result["eager_profile_b64"] = _eager_profile(part, profiled, 64)
+        if domain in APP_PATHS and result.get("app_paths") is not None:  # the app paths, timed again too
+            result["app_paths"] = APP_PATHS[domain](part, args.work / domain / "pruned_int8", test, args)
+            print(
+                f"{domain} app paths (parent vs pruned_int8): {json.dumps(result['app_paths'])}", flush=True
+            )
     meta["latency_remeasured"] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "repeats": args.repeats,
@@ -361,8 +389,8 @@ def _markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
         f"{meta['threads']} intra-op thread(s) for torch and ONNX Runtime alike (inter-op 1); load average at "
         f"start {meta['load_average']}. Baseline: the fp32 eager suite part of each domain."
         + (
-            f" Latencies and profiles re-measured {meta['latency_remeasured']['date']} on the same artifacts, "
-            f"{meta['latency_remeasured']['repeats']} interleaved forwards each (load average "
+            f" Latencies, profiles and app paths re-measured {meta['latency_remeasured']['date']} on the same "
+            f"artifacts, {meta['latency_remeasured']['repeats']} interleaved forwards each (load average "
             f"{meta['latency_remeasured']['load_average']})."
             if meta.get("latency_remeasured")
             else ""
@@ -372,7 +400,19 @@ def _markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
         "with the shared trunk once). Each domain's part holds the trunk and that app's embedders and heads; "
         f"`verticals compress --model SUITE --domain D`; pruning: experts with <= {meta['args']['expert_threshold']} "
         f"of the domain's assignments dropped, {meta['args']['prune_ffn']} of the FFN units removed; QAT "
-        f"{meta['args']['qat_steps']} steps. Metric on each app's held-out test data through its own predictor.",
+        f"{meta['args']['qat_steps']} steps. Metric on each app's held-out test data through its own predictor."
+        + (
+            " Suite trunk: " + ", ".join(f"{k} {v}" for k, v in meta["trunk"].items()) + "."
+            if meta.get("trunk")
+            else ""
+        )
+        + (
+            " Width study: suite trunk changed to "
+            + ", ".join(f"{k} {v}" for k, v in meta["trunk_changes"].items())
+            + " (the suite preset is apps/suite/config.py's)."
+            if meta.get("trunk_changes")
+            else ""
+        ),
         "",
         "Targets: size <= 18% of the suite's safetensors; latency >= 3x lower at batch 1 and 64; metric drop "
         "<= 1 point (PTQ) / <= 0.5 (QAT).",
@@ -399,8 +439,8 @@ def _markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
         "",
         "Where the time goes at batch 64 (1 thread): the fp32 eager parent per aten op (torch profiler), then "
         "the int8 graph per ONNX op (ONNX Runtime profiler, kernel time). int8 speeds up the matrix products "
-        "only; at hidden size 64 the rest (attention, element-wise ops, the per-expert MoE dispatch, "
-        "embeddings) is most of both.",
+        f"only; at hidden size {meta.get('trunk', {}).get('hidden_size', '?')} the rest (attention, element-wise "
+        "ops, the per-expert MoE dispatch, embeddings) is a large share of both.",
         "",
     ]
     for domain, result in results.items():
@@ -472,6 +512,18 @@ def main() -> None:
 
     add_suite_arguments(parser)
     parser.add_argument("--device", default="cpu", help="Suite training device (ONNX runs on the CPU).")
+    parser.add_argument(
+        "--hidden-size",
+        type=int,
+        default=None,
+        help="Width study: the suite trunk's hidden size (default: the suite preset, apps/suite/config.py).",
+    )
+    parser.add_argument(
+        "--ffn-size",
+        type=int,
+        default=None,
+        help="Width study: the experts' FFN width (default: the hidden size with --hidden-size, else the preset).",
+    )
     # Compression.
     parser.add_argument("--expert-threshold", type=float, default=0.02)
     parser.add_argument("--prune-ffn", type=float, default=0.25)
@@ -504,6 +556,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.render_only or args.remeasure_latency:
         saved = json.loads((args.out / f"{args.name}.json").read_text())
+        suite = Path(saved["meta"]["suite"])
+        if "trunk" not in saved["meta"] and (suite / "suite.json").is_file():  # a run from before it was kept
+            saved["meta"]["trunk"] = suite_trunk(suite)
         if args.remeasure_latency:
             torch.set_num_threads(args.threads)
             remeasure_latency(saved["results"], saved["meta"], args)
@@ -527,6 +582,8 @@ def main() -> None:
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "suite": str(suite),
         "suite_trained_here": args.suite_model is None,
+        "trunk_changes": trunk_changes(args) if args.suite_model is None else {},
+        "trunk": suite_trunk(suite),
         "keep_fp32": {app: list(getattr(args, f"{app}_keep_fp32")) for app in args.apps},
         "args": {k: str(v) for k, v in vars(args).items()},
     }

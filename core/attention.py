@@ -441,6 +441,10 @@ class DynamicAttention(nn.Module):
             (hidden_states, trace): attended states of shape (B, T, hidden) and an `AttentionTrace`.
         """
         batch, length, _ = hidden_states.shape
+        if torch.compiler.is_exporting() and (
+            self.use_dense(length, hidden_states.device) if force_dense is None else force_dense
+        ):
+            return self._dense_export(hidden_states, attention_mask, position_ids, output_attentions)
         q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
@@ -528,6 +532,66 @@ class DynamicAttention(nn.Module):
                 logits = logits.masked_fill(~mask, float("-inf"))
             weights = torch.softmax(logits.float(), dim=-1).to(q.dtype)
         return out, AttentionTrace(is_dense=True, attention_weights=weights)
+
+    def _dense_export(self, hidden_states, attention_mask, position_ids, output_attentions):
+        """`forward`'s dense path as exported (torch.export / ONNX): the same arithmetic in the (B, T, H*D)
+        layout. ONNX `RotaryEmbedding` and `Attention` take the head count as an attribute, so the graph
+        has no head transposes (ONNX Runtime's kernels read that layout directly); the mask is `_dense`'s
+        (padding, causality, each query sees itself; the recency bias as a float mask). The attention
+        weights of `output_attentions` (explanation graph only) are computed in `_dense`'s 4-D layout."""
+        from torch.onnx.ops import attention, rotary_embedding
+
+        batch, length, _ = hidden_states.shape
+        heads, dim, device = self.num_heads, self.head_dim, hidden_states.device
+        q, k, v = (proj(hidden_states) for proj in (self.q_proj, self.k_proj, self.v_proj))  # (B, T, H*D)
+        if position_ids is None and (self.rotary is not None or self.recency_slope is not None):
+            position_ids = torch.arange(length, device=device)
+        if self.rotary is not None:
+            cos, sin = self.rotary(position_ids, q.dtype)  # (T, D) or (B, T, D), cos = cat([c, c])
+            cos_half = cos[..., : dim // 2].expand(batch, length, dim // 2)  # (B, T, D/2)
+            sin_half = sin[..., : dim // 2].expand(batch, length, dim // 2)
+            q = rotary_embedding(q, cos_half, sin_half, num_heads=heads)
+            k = rotary_embedding(k, cos_half, sin_half, num_heads=heads)
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, T)
+            if self.causal:
+                mask = mask & torch.ones(length, length, dtype=torch.bool, device=device).tril()
+            mask = mask | torch.eye(length, dtype=torch.bool, device=device)
+        bias = None
+        if self.recency_slope is not None:  # as `_dense`: a float mask carrying -inf outside `mask`
+            if mask is None:
+                mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+            positions = position_ids.to(torch.float32).reshape(-1, length)  # (B|1, T)
+            distance = positions[:, None, :, None] - positions[:, None, None, :]  # (B|1, 1, T, T)
+            bias = recency_logits(self._recency_slopes(), distance).masked_fill(~mask, float("-inf"))
+            bias = bias.to(q.dtype)  # (B|1, H, T, T)
+        out = attention(
+            q,
+            k,
+            v,
+            attn_mask=mask if bias is None else bias,
+            is_causal=self.causal and mask is None,
+            q_num_heads=heads,
+            kv_num_heads=heads,
+        )[0]  # (B, T, H*D)
+        if self.gate_proj is not None:
+            gate = torch.sigmoid(self.gate_proj(hidden_states))  # (B, T, H)
+            out = (out.view(batch, length, heads, dim) * gate.unsqueeze(-1)).reshape(
+                batch, length, heads * dim
+            )
+        weights = None
+        if output_attentions:
+            q4, k4 = (t.view(batch, length, heads, dim).transpose(1, 2) for t in (q, k))  # (B, H, T, D)
+            if mask is None and self.causal:
+                mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+            logits = (q4 @ k4.transpose(-1, -2)) / math.sqrt(dim)  # (B, H, T, T)
+            if bias is not None:
+                logits = logits + bias
+            elif mask is not None:
+                logits = logits.masked_fill(~mask, float("-inf"))
+            weights = torch.softmax(logits.float(), dim=-1).to(q.dtype)
+        return self.o_proj(out), AttentionTrace(is_dense=True, attention_weights=weights)
 
     # ------------------------------------------------------------------ block-sparse path
     def _block_sparse(self, q, k, v, key_valid, output_attentions, positions=None):

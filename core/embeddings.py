@@ -42,16 +42,20 @@ class PeriodicEncoding(nn.Module):
         The same sum laid out for an exported graph (ONNX Runtime): fields first and tokens last, so every
         element-wise op runs over contiguous rows of B*T tokens, one batched MatMul covers the fields and the
         sum over fields adds whole slabs; the bias is a weight column fed by the mask, so the MatMul already
-        masks (`relu(z * m) = relu(z) * m` for m in {0, 1}).
+        masks (`relu(z * m) = relu(z) * m` for m in {0, 1}). A token without any present value sums to exactly
+        0, so only the tokens with one are encoded (padding is most of a padded batch) and scattered back.
         """
         batch, length, fields = values.shape
-        x = values.permute(2, 0, 1).reshape(fields, 1, batch * length)  # (F, 1, N)
-        m = mask.to(values.dtype).permute(2, 0, 1).reshape(fields, 1, batch * length)  # (F, 1, N)
-        angles = (2 * math.pi * self.frequencies)[:, :, None] * x  # (F, n_freq, N)
-        features = torch.cat([angles.sin(), angles.cos(), x, torch.ones_like(x)], dim=1) * m  # (F, 2n+2, N)
+        m = mask.to(values.dtype).reshape(batch * length, fields)  # (N, F)
+        rows = (m.sum(dim=1) > 0).nonzero().reshape(-1)  # (n,) tokens with a present value
+        x = values.reshape(batch * length, fields).index_select(0, rows).t()[:, None, :]  # (F, 1, n)
+        m = m.index_select(0, rows).t()[:, None, :]  # (F, 1, n)
+        angles = (2 * math.pi * self.frequencies)[:, :, None] * x  # (F, n_freq, n)
+        features = torch.cat([angles.sin(), angles.cos(), x, torch.ones_like(x)], dim=1) * m  # (F, 2n+2, n)
         weight = torch.cat([self.linear, self.bias[:, None, :]], dim=1).transpose(1, 2)  # (F, out, 2n+2)
-        out = torch.relu(torch.bmm(weight, features)).sum(dim=0)  # (F, out, N) -> (out, N)
-        return out.t().reshape(batch, length, -1)  # (B, T, out)
+        out = torch.relu(torch.bmm(weight, features)).sum(dim=0)  # (F, out, n) -> (out, n)
+        encoded = values.new_zeros(batch * length, out.shape[0]).index_copy(0, rows, out.t())  # (N, out)
+        return encoded.reshape(batch, length, -1)  # (B, T, out)
 
 
 class FieldEmbedder(nn.Module):

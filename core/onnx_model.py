@@ -2,10 +2,12 @@
 
 `export_onnx` exports the inference forward (the MoE runs its export dispatch, `DomainMoE._dispatch_export`;
 the numeric embedder and the block-sparse mask run their export layouts, `PeriodicEncoding.masked_sum` and
-`DynamicAttention._gathered_mask_export`) and the heads, then rewrites the graph for ONNX Runtime's CPU
-kernels: per-field Einsums as batched MatMuls (its Einsum is slow), each MoE layer's chain of per-expert
-scatter-adds as one ScatterND (every ScatterND copies the whole output), floor divisions of `nonzero()`
-positions as plain divisions, skips no-op flattens of index vectors, and drops dead nodes. It records each
+`DynamicAttention._gathered_mask_export`; dense attention runs in the token layout,
+`DynamicAttention._dense_export`: ONNX `RotaryEmbedding` and `Attention` on (B, T, H*D), no head transposes)
+and the heads, then rewrites the graph for ONNX Runtime's CPU kernels: per-field Einsums as batched MatMuls
+(its Einsum is slow), each MoE layer's chain of per-expert scatter-adds as one ScatterND (every ScatterND
+copies the whole output), floor divisions of `nonzero()` positions as plain divisions, skips no-op flattens
+of index vectors, and drops dead nodes. It records each
 weight node's torch module path in `onnx.json`; `quantize_int8` applies ONNX Runtime dynamic int8 (MatMul,
 Gemm, Conv and Gather, i.e. embeddings included), keeping chosen modules fp32 by path (`KEEP_FP32_DEFAULT`:
 MoE routers, domain priors, the CT volume embedder). `int8_sensitivity` measures how much quantising each

@@ -95,6 +95,15 @@ def test_padded_batches_of_different_lengths_match_eager(padded_export):
             got.hidden_states[real], expected.hidden_states[real], atol=1e-4, rtol=1e-4
         )
         torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=1e-4)
+    # Every numeric value missing: the numeric encoder has no token to encode (empty tensors in the graph).
+    examples = padded_examples(rng, 3)
+    for example in examples:
+        example["numeric_mask"][:] = False
+    batch = collate(examples)
+    with torch.no_grad():
+        expected = model(**batch.to_dict())
+    got = onnx_model(**batch.to_dict())
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow  # shares the export above
@@ -104,8 +113,14 @@ def test_export_rewrites_leave_one_scatter_per_moe_layer_and_no_floor_fixups(pad
     model, out, _ = padded_export
     nodes = onnx.load(str(out / ONNX_FILE)).graph.node
     ops = [node.op_type for node in nodes]
-    # One `index_add` per expert became one ScatterND per MoE layer.
-    assert ops.count("ScatterND") == len(model.moe_layers())
+    # One `index_add` per expert became one ScatterND(add) per MoE layer (the numeric encoder's scatter of
+    # its encoded tokens, `PeriodicEncoding.masked_sum`, is a plain one).
+    adds = [
+        n
+        for n in nodes
+        if n.op_type == "ScatterND" and any(a.name == "reduction" and a.s == b"add" for a in n.attribute)
+    ]
+    assert len(adds) == len(model.moe_layers())
     # `nonzero() // top_k` needs no sign correction (the exporter's floor division goes through Mod).
     assert "Mod" not in ops
     # The (1, M) positions of `nonzero()` are flattened directly, not transposed first.
@@ -119,8 +134,12 @@ def test_masked_sum_equals_the_eager_masked_encoding():
     encoding = PeriodicEncoding(n_features=3, n_frequencies=4, out_size=8)
     values = torch.randn(2, 5, 3)
     mask = (torch.rand(2, 5, 3) > 0.4).float()
+    mask[0, 3:] = 0  # tokens without any present value (padding): encoded as exactly 0, not computed
     expected = (encoding(values) * mask[..., None]).sum(dim=2)  # (B, T, out)
-    torch.testing.assert_close(encoding.masked_sum(values, mask), expected, atol=1e-5, rtol=1e-5)
+    got = encoding.masked_sum(values, mask)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (got[0, 3:] == 0).all()
+    assert (encoding.masked_sum(values, torch.zeros_like(mask)) == 0).all()  # no token to encode at all
 
 
 def test_merged_scatter_adds_sum_duplicate_indices_like_the_chain():
@@ -205,3 +224,67 @@ def test_ct_stem_exports_and_matches_eager(tmp_path):
         expected = model(**batch.to_dict())
     got = OnnxCoreModel(tmp_path / "fp32")(**batch.to_dict())
     torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow  # one ONNX export (inference and explanation graphs)
+def test_dense_attention_exports_in_token_layout_and_matches_eager(tmp_path):
+    """Dense layers export as `DynamicAttention._dense_export`: `RotaryEmbedding` and `Attention` on
+    (B, T, H*D) with head-count attributes, no head transposes in the inference graph; padded batches and the
+    explanation graph's attention weights match eager PyTorch. With the recency bias, so the float-mask branch
+    is covered too (the bool mask of the other configs: `test_padded_batches_of_different_lengths_match_eager`,
+    whose layer 1 is dense)."""
+    import onnx
+
+    config = padded_config(causal=True)
+    config.dense_below = 1 << 10  # every layer dense: a dynamic sequence axis
+    config.recency_bias = True
+    torch.manual_seed(0)
+    model = CoreModel(config).eval()
+    rng = np.random.default_rng(4)
+    meta = export_onnx(model, padded_examples(rng, 4), tmp_path / "fp32", with_explain=True)
+    assert meta["dynamic_sequence"]
+    nodes = onnx.load(str(tmp_path / "fp32" / ONNX_FILE)).graph.node
+    attention = [n for n in nodes if n.op_type == "Attention"]
+    assert len(attention) == config.num_layers
+    for node in attention:
+        heads = {a.name: a.i for a in node.attribute}
+        assert heads["q_num_heads"] == heads["kv_num_heads"] == config.num_heads
+    assert [n.op_type for n in nodes].count("RotaryEmbedding") == 2 * config.num_layers
+    # No head transposes: nothing between a Transpose and an attention op but views and the output gate.
+    producers = {out: node for node in nodes for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    passing = ("Reshape", "Unsqueeze", "Squeeze", "Mul")
+    for node in nodes:
+        if node.op_type not in ("Attention", "RotaryEmbedding"):
+            continue
+        stack = [*node.input[:3], *node.output[:1]]
+        seen = set()
+        while stack:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            for other in [producers.get(name), *consumers.get(name, [])]:
+                if other is None or other is node:
+                    continue
+                assert other.op_type != "Transpose", f"{other.name} transposes {node.op_type} {node.name}"
+                if other.op_type in passing:
+                    stack += [*other.input[:1], *other.output]
+
+    onnx_model = OnnxCoreModel(tmp_path / "fp32")
+    batch = collate(padded_examples(rng, 6))
+    real = batch.attention_mask.bool()
+    assert not real.all()
+    with torch.no_grad():
+        expected = model(**batch.to_dict(), output_attentions=True)
+    got = onnx_model(**batch.to_dict(), output_attentions=True)
+    torch.testing.assert_close(got.hidden_states[real], expected.hidden_states[real], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=1e-4)
+    for got_trace, trace in zip(got.attentions, expected.attentions, strict=True):
+        query_real = real[:, None, :, None].expand_as(trace.attention_weights)
+        torch.testing.assert_close(
+            got_trace.attention_weights[query_real], trace.attention_weights[query_real], atol=1e-5, rtol=1e-4
+        )
