@@ -17,7 +17,10 @@ model's. With `--seeds N` every seed runs on its own generated data and the pari
 paired delta over seeds with a 95% t-interval (one seed's delta moves by several points with the seed).
 
 Usage:
-    .venv/bin/python bench/suite_bench.py --seeds 5 --jobs 2 --test-cases 150 --accounts 600  # reported run
+    .venv/bin/python bench/suite_bench.py --seeds 15 --jobs 15 --test-cases 150 --accounts 600  # reported run
+    # a screen of a suite-only change: data and own models of an earlier run in --work are reused
+    .venv/bin/python bench/suite_bench.py --seeds 4 --jobs 2 --test-cases 150 --accounts 600 \
+        --work /tmp/sb --reuse --finish-steps 32
     .venv/bin/python bench/suite_bench.py                  # CPU, 1 thread (a few minutes)
     .venv/bin/python bench/suite_bench.py --device cuda --threads 8
     .venv/bin/python bench/suite_bench.py --quick          # smoke test
@@ -57,6 +60,39 @@ ON_GROUP_TARGET = 0.80
 
 
 # ------------------------------------------------------------------------------------------ data
+DATA_ARGS = ("seed", "accounts", "cases", "test_cases", "ct_shape", "students", "answers")
+"""The arguments that determine a seed's generated data (`make_data`)."""
+
+
+def source_fingerprint() -> str:
+    """SHA-256 over every Python file of `core/` and `apps/`: a cached own-model result is reused only by
+    the same code."""
+    from core.train import fingerprint
+
+    files = sorted([*(ROOT / "core").rglob("*.py"), *(ROOT / "apps").rglob("*.py")])
+    return fingerprint(*[f"{path.relative_to(ROOT)}\n".encode() + path.read_bytes() for path in files])
+
+
+def load_or_make_data(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """`make_data`, or with `--reuse` the data an earlier run generated in `work` with the same arguments."""
+    key = {name: getattr(args, name) for name in DATA_ARGS}
+    record = work / "data.json"
+    if args.reuse and record.is_file():
+        stored = json.loads(record.read_text())
+        if stored.get("key") == key:
+            logger.info("seed %s: reusing the data in %s", args.seed, work)
+            data = stored["data"]
+            return {
+                **data,
+                "train": {app: Path(path) for app, path in data["train"].items()},
+                "test": {app: Path(path) for app, path in data["test"].items()},
+            }
+    record.unlink(missing_ok=True)  # written again only once the data is complete
+    data = make_data(work, args)
+    record.write_text(json.dumps({"key": key, "data": data}, indent=2, default=str))
+    return data
+
+
 def make_data(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Generate every app's training and test data under `work`."""
     from apps.education.service import write_atomic_csv
@@ -158,6 +194,9 @@ def suite_settings(args: argparse.Namespace) -> SuiteSettings:
         loss_balance=args.loss_balance,
         balance_scope=args.balance_scope,
         balance_mix=args.balance_mix,
+        balance_load=args.balance_load,
+        settle_steps=args.settle_steps,
+        settle_floor=args.settle_floor or None,
         optimizer_state=args.optimizer_state,
         interleave=args.step_mode == "interleaved",
         medical_preset=args.medical_preset,
@@ -175,16 +214,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work_root = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="suite-bench-"))
     work_root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    data = make_data(work_root, args)
+    data = load_or_make_data(work_root, args)
     data_seconds = time.perf_counter() - started
     settings = {"suite": suite_settings(args), "own": own_settings(args)}
     runs: dict[str, Any] = {}
+    code = getattr(args, "code", None) or (source_fingerprint() if args.reuse else None)
     with warnings.catch_warnings():
         # Small validation sets: the finance threshold may fall back to best-F1; not what is measured here.
         warnings.simplefilter("ignore", UserWarning)
-        for label, sources in [("suite", data["train"])] + [(app, {app: data["train"][app]}) for app in APPS]:
-            t0 = time.perf_counter()
+        own_apps = [app for app in APPS if app in args.own]
+        for label, sources in [("suite", data["train"])] + [
+            (app, {app: data["train"][app]}) for app in own_apps
+        ]:
             run_settings = settings["suite" if label == "suite" else "own"]
+            cache = work_root / f"run_{label}.json"
+            key = {"settings": dataclasses.asdict(run_settings), "data": data["sizes"], "code": code}
+            key = json.loads(json.dumps(key, default=str))
+            if label != "suite" and args.reuse and cache.is_file():
+                stored = json.loads(cache.read_text())
+                if stored.get("key") == key:
+                    runs[label] = stored["run"]
+                    logger.info("%s: reusing the own model's run in %s", label, cache)
+                    continue
+            t0 = time.perf_counter()
             summary = train_suite(sources, work_root / f"model_{label}", run_settings)
             train_seconds = time.perf_counter() - t0
             tests = {app: evaluate(app, work_root / f"model_{label}", data, args.device) for app in sources}
@@ -195,9 +247,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "test_all": tests,
             }
             logger.info("%s: %s (%.0f s)", label, runs[label]["test"], train_seconds)
+            if label != "suite":
+                cache.write_text(json.dumps({"key": key, "run": runs[label]}, indent=2, default=str))
     report = routing_report(work_root / "model_suite")
     comparison = {}
-    for app in APPS:
+    for app in own_apps:
         suite_value, own_value = runs["suite"]["test"][app], runs[app]["test"][app]
         delta = None if suite_value is None or own_value is None else suite_value - own_value
         comparison[app] = {
@@ -219,6 +273,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "loss_balance": args.loss_balance,
             "balance_scope": args.balance_scope,
             "balance_mix": args.balance_mix,
+            "balance_load": args.balance_load,
+            "settle_steps": args.settle_steps,
+            "settle_floor": args.settle_floor,
             "optimizer_state": args.optimizer_state,
             "learning_rate": args.learning_rate,
             "seed": args.seed,
@@ -285,7 +342,7 @@ def run_seeds(args: argparse.Namespace) -> dict[str, Any]:
         results = [run(seed_args) for seed_args in per_seed]
     result = dict(results[0])
     seeds = {}
-    for app in APPS:
+    for app in results[0]["comparison"]:
         deltas = [r["comparison"][app]["delta"] for r in results if r["comparison"][app]["delta"] is not None]
         mean = float(np.mean(deltas)) if deltas else None
         half = (
@@ -302,7 +359,19 @@ def run_seeds(args: argparse.Namespace) -> dict[str, Any]:
             "delta_ci95": None if half is None else [mean - half, mean + half],
             "within_tolerance": mean is not None and mean >= -METRIC_TOLERANCE,
         }
-    result["seeds"] = {"seeds": [a.seed for a in per_seed], "apps": seeds}
+    result["seeds"] = {
+        "seeds": [a.seed for a in per_seed],
+        "apps": seeds,
+        "routing": [
+            {
+                "on_group_min": r["figures"]["on_group_min"],
+                "low_use_count": r["figures"]["low_use_count"],
+                "low_use_experts_per_layer": r["routing"]["low_use_experts_per_layer"],
+                "max_violation": r["figures"]["max_violation"],
+            }
+            for r in results
+        ],
+    }
     figures = dict(result["figures"])
     figures["on_group_min"] = min(r["figures"]["on_group_min"] for r in results)
     figures["on_group_target_met"] = figures["on_group_min"] >= ON_GROUP_TARGET
@@ -340,6 +409,22 @@ def _suite_budget(s: dict[str, Any]) -> str:
             "batches": "the training batches as they come",
         }
         text += f", on {mix[s['balance_mix']]}"
+    if "balance_load" in s:
+        load = {
+            "serving": "counted on each batch's routing as served (an eval-mode pass without dropout)",
+            "train": "counted on the training passes (with dropout)",
+        }
+        text += f", {load[s['balance_load']]}"
+    if s.get("settle_steps"):
+        text += (
+            f"; after training, {s['settle_steps']} bias updates per layer on the served (eval-mode) routing of "
+            "every app's training examples, router fixed, "
+            + (
+                f"lifting only experts below {100 * s['settle_floor']:.0f}% of their group's load"
+                if s.get("settle_floor")
+                else "with the full balance rule"
+            )
+        )
     if s.get("optimizer_state") == "per_app":
         text += "; AdamW moments kept per app (`core.multitask.TaskAdamW`)"
     return text + "."
@@ -389,6 +474,16 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {app} | {c['metric']} | {values[0]} | {values[1]} | {mean} | "
                 f"{'yes' if c['within_tolerance'] else 'no'} |"
             )
+        per_seed = seeds.get("routing", [])
+        if per_seed:
+            lines += [
+                "",
+                "Routing per seed: experts < 2% of their group "
+                + ", ".join(str(r["low_use_count"]) for r in per_seed)
+                + "; lowest on-group share "
+                + ", ".join(f"{100 * r['on_group_min']:.1f}%" for r in per_seed)
+                + ".",
+            ]
     lines += [
         "",
         "Training time (s): "
@@ -468,6 +563,27 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
         "batches as they come (batches)",
     )
     parser.add_argument(
+        "--balance-load",
+        default="train",
+        choices=("serving", "train"),
+        help="aux-free balancing: count each training batch's routing as served, eval mode without dropout "
+        "(serving: one extra forward pass per batch) or the training passes (train)",
+    )
+    parser.add_argument(
+        "--settle-steps",
+        type=int,
+        default=300,
+        help="after training, aux-free updates of each layer's expert bias on the served (eval-mode) routing "
+        "of every app's training examples, router fixed (0: none)",
+    )
+    parser.add_argument(
+        "--settle-floor",
+        type=float,
+        default=0.04,
+        help="the settling only lifts experts below this share of their group's served load (0: the full "
+        "balance rule)",
+    )
+    parser.add_argument(
         "--optimizer-state",
         default="per_app",
         choices=("per_app", "shared"),
@@ -490,8 +606,22 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="first seed")
     parser.add_argument("--seeds", type=int, default=1, help="seeds to run (each on its own data)")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes")
+    parser.add_argument(
+        "--own",
+        nargs="+",
+        default=list(APPS),
+        choices=APPS,
+        help="the apps whose own model is trained and compared (default all; fewer: a faster screen)",
+    )
     add_suite_arguments(parser)
     parser.add_argument("--work", help="folder for data and models (default: a new temporary folder)")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="screening: reuse the data and the own models' results an earlier run left in --work when "
+        "they were made with the same data arguments, own-model settings and code (core/, apps/); only the "
+        "suite is trained again",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test (not written)")
     args = parser.parse_args()
@@ -502,6 +632,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
+    # Once, before any training: the code the worker processes import is the code this fingerprints.
+    args.code = source_fingerprint() if args.reuse else None
     result = run_seeds(args) if args.seeds > 1 else run(args)
     text = markdown(result)
     print(text)

@@ -8,6 +8,8 @@ balancing and per-domain routing statistics), then the training hooks `update_al
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -20,11 +22,31 @@ from transformers import TrainerCallback
 from core.config import CoreConfig
 from core.errors import InputValidationError
 
-__all__ = ["DenseFFN", "DomainMoE", "MoEBalanceCallback", "SwiGLU", "update_all_balance"]
+__all__ = [
+    "BALANCE_LOAD_SOURCES",
+    "DenseFFN",
+    "DomainMoE",
+    "MoEBalanceCallback",
+    "SwiGLU",
+    "captured_router_logits",
+    "serving_load_pass",
+    "update_all_balance",
+]
 
 logger = logging.getLogger(__name__)
 
 _TINY = torch.finfo(torch.float32).tiny
+
+
+BALANCE_LOAD_SOURCES = ("train", "serving")
+"""Which forward passes the aux-free balancing counts (`DomainMoE.set_balance_load_source`).
+
+- "train": the training forward passes (train mode: with dropout), the default.
+- "serving": only passes inside `serving_load_pass` (eval mode, no dropout): the routing the model serves.
+  With dropout, a token's router input in training is a noisy, rescaled copy of the one it has when served,
+  so training spreads tokens over more experts than serving does; an expert that the training load keeps
+  busy can then get almost nothing once served.
+"""
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -103,7 +125,9 @@ class DomainMoE(nn.Module):
           (`expert_load`); `update_balance()` (once per optimizer step, see `MoEBalanceCallback`) moves
           `expert_bias` by `bias_update_rate * sign(mean_load - load_e)` and resets the counts. The load is
           that of the tokens trained on, or with `set_balance_mix` each domain's shares averaged over a
-          given mix of the domains (the mix the model serves).
+          given mix of the domains (the mix the model serves). With `set_balance_load_source("serving")`
+          only the passes inside `serving_load_pass` (eval mode, as served) are counted instead. After
+          training, `settle_bias` settles the bias on a fixed set of served tokens with the router fixed.
         - "aux_loss": nothing here; the model adds `core.losses.load_balancing_loss(router_logits, ...)`
           once, scaled by `config.router_aux_loss_coef`.
         - "none": nothing.
@@ -153,6 +177,10 @@ class DomainMoE(nn.Module):
         #: Domain id -> (its expert group, the share of its assignments that group should get); see
         #: `set_balance_targets`. Empty: none.
         self.balance_targets: dict[int, tuple[list[int], float]] = {}
+        #: One of `BALANCE_LOAD_SOURCES`; see `set_balance_load_source`.
+        self.balance_load_source = "train"
+        #: True inside `serving_load_pass`.
+        self.in_serving_pass = False
 
         self.router = nn.Linear(config.hidden_size, self.num_experts, bias=False)
         self.domain_prior: nn.Embedding | None = None
@@ -401,7 +429,8 @@ class DomainMoE(nn.Module):
     ) -> None:
         """Add real assignments to the aux-free load and, if tracking, to the per-domain statistics."""
         self._keep_float32_buffers()  # a checkpoint loaded in bf16 may have cast them
-        balancing = self.training and self.balance == "aux_free"
+        counted = self.in_serving_pass if self.balance_load_source == "serving" else self.training
+        balancing = counted and self.balance == "aux_free"
         if balancing:
             self.expert_load += expert_counts
         per_domain = None
@@ -613,6 +642,117 @@ class DomainMoE(nn.Module):
         self.balance_mix = weights
         self.domain_load.zero_()
 
+    @torch.no_grad()
+    def settle_bias(
+        self,
+        router_logits: torch.Tensor,
+        domain_ids: torch.Tensor | None = None,
+        steps: int = 300,
+        start_rate: float = 0.1,
+        final_rate: float = 1e-3,
+        floor: float | None = None,
+    ) -> None:
+        """Settle the selection bias on a fixed set of served tokens: `steps` aux-free updates, each on the
+        load of all of them, with the step size going geometrically from `start_rate` down to `final_rate`
+        (logit units; at the defaults the bias can move by up to ~6.5 in total).
+
+        During training every update sees the load of a few batches only while the router still moves, so
+        the bias ends wherever the last updates left it; a router that sends whole batches to one expert
+        makes that a random walk. Here the router is fixed and the load is that of every given token, so
+        the same update rule (the balance groups, targets and mix set on this layer) settles where it
+        balances that load. Only the selection bias changes: the combine weights stay the router's.
+
+        With `floor`, the update only lifts: an expert below `floor` of its balance group's load (all experts
+        form one group without `set_balance_groups`; the load of the domain mix set with `set_balance_mix`,
+        as the update rule reads it) moves up one step, nothing else moves. Shares of one load sum to 1, so
+        at most all but one expert of a group are ever lifted. The served routing changes only as far as
+        needed to give every expert that share; a full settle moves every token the balance rule would
+        move, away from the routing the experts were trained with. (Measured on the suite: a floor on each
+        domain's own shares instead, for domains that want different experts of a shared group, lifted the
+        whole group and pulled every domain's tokens into it, or, kept level, cancelled out.)
+
+        Args:
+            router_logits: (N, E) unbiased router logits (incl. the domain prior) of real tokens, e.g. from
+                `captured_router_logits` on eval-mode passes.
+            domain_ids: (N,) their domain ids, or None (domain 0).
+            steps: updates.
+            start_rate: the step size of the first update.
+            final_rate: the step size of the last update.
+            floor: None (the full update rule) or a share in (0, 1) (only lift the experts below it).
+
+        Raises:
+            InputValidationError: logits that are not (N, num_experts), domain ids of another length,
+                `steps` below 1, step sizes that are not 0 < final_rate <= start_rate, or a floor outside
+                (0, 1).
+        """
+        if router_logits.dim() != 2 or router_logits.shape[1] != self.num_experts:
+            raise InputValidationError(
+                f"DomainMoE.settle_bias: router_logits must be (N, {self.num_experts}), "
+                f"got shape {tuple(router_logits.shape)}"
+            )
+        if domain_ids is not None and domain_ids.shape != router_logits.shape[:1]:
+            raise InputValidationError(
+                f"DomainMoE.settle_bias: domain_ids must be ({router_logits.shape[0]},), "
+                f"got shape {tuple(domain_ids.shape)}"
+            )
+        if steps < 1:
+            raise InputValidationError(f"DomainMoE.settle_bias: expected steps >= 1, got {steps}")
+        if not 0.0 < final_rate <= start_rate:
+            raise InputValidationError(
+                f"DomainMoE.settle_bias: expected 0 < final_rate <= start_rate, got {final_rate}, {start_rate}"
+            )
+        if floor is not None and not 0.0 < floor < 1.0:
+            raise InputValidationError(f"DomainMoE.settle_bias: expected a floor in (0, 1), got {floor}")
+        if self.balance != "aux_free" or router_logits.shape[0] == 0:
+            return
+        logits = router_logits.float().to(self.expert_bias.device)  # (N, E)
+        ids = None if domain_ids is None else domain_ids.to(device=logits.device, dtype=torch.long)
+        saved = (self.bias_update_rate, self.balance_every, self._balance_calls)
+        try:
+            self.balance_every, self._balance_calls = 1, 0
+            for step in range(steps):
+                # Geometric decay: large steps first to move far, small ones last to settle.
+                self.bias_update_rate = start_rate * (final_rate / start_rate) ** (step / max(steps - 1, 1))
+                flat_expert = (
+                    (logits + self.expert_bias).topk(self.top_k, dim=-1).indices.reshape(-1)
+                )  # (N*k,)
+                counts = torch.bincount(flat_expert, minlength=self.num_experts)  # (E,)
+                self.expert_load.copy_(counts)
+                self.domain_load.copy_(self._domain_counts(flat_expert, counts, ids))
+                if floor is None:
+                    self.update_balance()
+                else:
+                    self._lift_below(floor)
+        finally:
+            self.bias_update_rate, self.balance_every, self._balance_calls = saved
+            self.expert_load.zero_()
+            self.domain_load.zero_()
+
+    def _lift_below(self, floor: float) -> None:
+        """Raise by `bias_update_rate` the bias of every expert below `floor` of its group's load."""
+        load = self._balance_load()  # (E,)
+        for experts in self.balance_groups or [list(range(self.num_experts))]:
+            index = torch.as_tensor(experts, dtype=torch.long, device=load.device)
+            group_load = load.index_select(0, index)  # (G,)
+            if group_load.sum().item() > 0:
+                below = (group_load / group_load.sum() < floor).to(self.expert_bias.dtype)  # (G,)
+                self.expert_bias.index_add_(0, index, self.bias_update_rate * below)
+        self.expert_load.zero_()
+        self.domain_load.zero_()
+
+    def set_balance_load_source(self, source: str) -> None:
+        """Count the aux-free load on the training passes ("train", the default) or on serving passes only
+        ("serving": the passes inside `serving_load_pass`, e.g. one eval-mode pass of each training batch).
+
+        Raises:
+            InputValidationError: a source outside `BALANCE_LOAD_SOURCES`.
+        """
+        if source not in BALANCE_LOAD_SOURCES:
+            raise InputValidationError(
+                f"DomainMoE.set_balance_load_source: expected one of {BALANCE_LOAD_SOURCES}, got {source!r}"
+            )
+        self.balance_load_source = source
+
     def set_balance_every(self, calls: int) -> None:
         """Update the selection bias at every `calls`-th `update_balance()` call (1: every call), from now on.
 
@@ -697,6 +837,58 @@ class DomainMoE(nn.Module):
 def _row_shares(values: np.ndarray) -> np.ndarray:
     totals = values.sum(axis=1, keepdims=True)
     return np.divide(values, totals, out=np.zeros_like(values), where=totals > 0)
+
+
+@contextmanager
+def serving_load_pass(model: nn.Module) -> Iterator[None]:
+    """Within the block `model` runs as it serves (eval mode: no dropout; no gradient), and its `DomainMoE`
+    layers whose load source is "serving" count these passes in their aux-free load.
+
+    The routing statistics (`domain_expert_counts`, `domain_expert_mass`) are left as they are, so a
+    training run still records its training passes only. On exit every module's training mode is restored.
+
+    Example:
+        `with serving_load_pass(model): model(**batch)` next to the training step's own forward pass.
+    """
+    moe_layers = [module for module in model.modules() if isinstance(module, DomainMoE)]
+    modes = [(module, module.training) for module in model.modules()]
+    tracking = [moe.track_routing for moe in moe_layers]
+    model.eval()
+    try:
+        for moe in moe_layers:
+            moe.in_serving_pass, moe.track_routing = True, False
+        with torch.no_grad():
+            yield
+    finally:
+        for moe, track in zip(moe_layers, tracking, strict=True):
+            moe.in_serving_pass, moe.track_routing = False, track
+        for module, training in modes:
+            module.training = training
+
+
+@contextmanager
+def captured_router_logits(moe: DomainMoE) -> Iterator[list[tuple[torch.Tensor, torch.Tensor | None]]]:
+    """Within the block every forward of `moe` appends (router logits (n, E) float32, domain ids (n,) or
+    None) of its real tokens to the yielded list (for `DomainMoE.settle_bias`)."""
+    captured: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+    def hook(module: DomainMoE, args: tuple, kwargs: dict, output: tuple) -> None:
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        batch_size, seq_len, _ = hidden_states.shape
+        device = hidden_states.device
+        ids = module._flatten_domain_ids(kwargs.get("domain_ids"), batch_size, seq_len, device)  # (N,)
+        real = module._flatten_attention_mask(kwargs.get("attention_mask"), batch_size, seq_len, device)
+        logits = output[1].detach().float()  # (N, E)
+        if real is not None:
+            logits = logits[real]
+            ids = None if ids is None else ids[real]
+        captured.append((logits, ids))
+
+    handle = moe.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 def update_all_balance(model: nn.Module) -> int:

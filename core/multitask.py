@@ -9,6 +9,8 @@ see every task; no batch mixes tasks, since their embedders differ. With `RoundR
 a step holds one task's batch instead (the tasks take turns), so each task's gradient is clipped on its own,
 and with `TaskAdamW` (AdamW moments per task) also Adam-scaled on its own, as in a single-task run. `MultiTaskModel.finishing` trains one task's private
 parameters (and its expert group) alone, leaving everything the other tasks use unchanged.
+`settle_served_balance` settles the trained trunk's selection biases on the routing the tasks' examples get
+when served (eval mode).
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from core.config import CoreConfig
+from core.data import collate
 from core.errors import ConfigError, InputValidationError
 from core.model import CoreModel, CoreOutput
-from core.moe import DomainMoE
+from core.moe import BALANCE_LOAD_SOURCES, DomainMoE, captured_router_logits, serving_load_pass
 
 __all__ = [
     "LOSS_BALANCES",
@@ -35,6 +38,7 @@ __all__ = [
     "RoundCollator",
     "RoundRobinDataset",
     "TaskAdamW",
+    "settle_served_balance",
     "tie_trunk",
     "trunk_parameters",
 ]
@@ -142,24 +146,37 @@ class MultiTaskModel(nn.Module):
     Args:
         models: task name -> its CoreModel; the trunks are tied here (see `tie_trunk`).
         loss_balance: how the task losses are added, one of `LOSS_BALANCES`.
+        balance_load: the load the aux-free balancing evens out (`core.moe.BALANCE_LOAD_SOURCES`): "train"
+            (the training passes) or "serving" (each training batch is also run once as served, eval mode
+            and no gradient, and only that pass is counted; it costs a forward pass per batch).
 
     Raises:
-        ConfigError: configs that disagree on the trunk, or an unknown `loss_balance`.
+        ConfigError: configs that disagree on the trunk, an unknown `loss_balance` or `balance_load`.
 
     Attributes:
         tasks: the per-task models (`nn.ModuleDict`); parameters shared between them appear once in
             `parameters()`, so the optimizer updates each once.
     """
 
-    def __init__(self, models: Mapping[str, CoreModel], loss_balance: str = "sum") -> None:
+    def __init__(
+        self, models: Mapping[str, CoreModel], loss_balance: str = "sum", balance_load: str = "train"
+    ) -> None:
         super().__init__()
         tie_trunk(models)
         if loss_balance not in LOSS_BALANCES:
             raise ConfigError(
                 f"MultiTaskModel: loss_balance must be one of {LOSS_BALANCES}, got {loss_balance!r}"
             )
+        if balance_load not in BALANCE_LOAD_SOURCES:
+            raise ConfigError(
+                f"MultiTaskModel: balance_load must be one of {BALANCE_LOAD_SOURCES}, got {balance_load!r}"
+            )
         self.tasks = nn.ModuleDict(dict(models))
         self.loss_balance = loss_balance
+        self.balance_load = balance_load
+        for module in self.modules():
+            if isinstance(module, DomainMoE):
+                module.set_balance_load_source(balance_load)
         #: The tasks of the last forward pass (the step being trained), read by `TaskAdamW`.
         self.step_tasks: tuple[str, ...] = ()
 
@@ -183,6 +200,9 @@ class MultiTaskModel(nn.Module):
                 raise InputValidationError(
                     f"MultiTaskModel: unknown task {name!r}; known: {list(self.tasks)}"
                 )
+            if self.training and self.balance_load == "serving":
+                with serving_load_pass(self.tasks[name]):
+                    self.tasks[name](**batch)  # counted in the aux-free load; its outputs are not used
             out = self.tasks[name](**batch)
             if out.loss is None:
                 raise InputValidationError(f"MultiTaskModel: the batch of task {name!r} produced no loss")
@@ -272,6 +292,66 @@ class MultiTaskModel(nn.Module):
         if task not in self.tasks:
             raise InputValidationError(f"MultiTaskModel: unknown task {task!r}; known: {list(self.tasks)}")
         return self.tasks[task]
+
+
+@torch.no_grad()
+def settle_served_balance(
+    multitask: MultiTaskModel,
+    task_examples: Mapping[str, Sequence[Mapping[str, Any]]],
+    steps: int = 300,
+    batch_size: int = 64,
+    floor: float | None = None,
+) -> int:
+    """Settle every MoE layer's selection bias on the routing the model serves (`DomainMoE.settle_bias`).
+
+    Layer by layer (a layer's routing changes the next layer's input): every task's examples run through its
+    model in eval mode (as served: no dropout), the layer's router logits of their real tokens are kept, and
+    the layer's bias takes `steps` aux-free updates on the load of all of them, with the balance groups,
+    targets and domain mix set on the layer. Nothing but the selection biases changes (the routing
+    statistics neither); the training mode of every module is restored.
+
+    Args:
+        multitask: the trained model.
+        task_examples: task name -> encoded examples (with the domain ids they are served with), e.g. the
+            training examples.
+        steps: updates per layer.
+        batch_size: examples per forward pass.
+        floor: None (the full balance rule) or a share: only lift the experts below it of their balance
+            group's load (`DomainMoE.settle_bias`).
+
+    Returns:
+        The number of MoE layers settled.
+
+    Raises:
+        InputValidationError: an unknown task or no examples.
+    """
+    if not task_examples or not any(task_examples.values()):
+        raise InputValidationError("settle_served_balance: no examples")
+    names = list(task_examples)
+    models = {name: multitask._task(name) for name in names}
+    layers = models[names[0]].moe_layers()  # the same modules in every task's model (one trunk)
+    modes = [(module, module.training) for module in multitask.modules()]
+    tracking = [(moe, moe.track_routing) for moe in layers]
+    multitask.eval()
+    try:
+        for moe in layers:
+            moe.track_routing = False
+        for moe in layers:
+            with captured_router_logits(moe) as captured:
+                for name in names:
+                    model, examples = models[name], list(task_examples[name])
+                    for start in range(0, len(examples), batch_size):
+                        batch = collate(examples[start : start + batch_size]).to(model.device)
+                        model(**batch.to_dict())
+            logits = torch.cat([c[0] for c in captured])  # (N, E)
+            ids = None if any(c[1] is None for c in captured) else torch.cat([c[1] for c in captured])  # (N,)
+            moe.settle_bias(logits, ids, steps=steps, floor=floor)
+    finally:
+        for moe, track in tracking:
+            moe.track_routing = track
+        for module, training in modes:
+            module.training = training
+    return len(layers)
 
 
 class TaskAdamW(torch.optim.Optimizer):

@@ -73,6 +73,27 @@ def train(
             "data's tokens, the mix the suite serves) or batches (the training batches as they come)."
         ),
     ] = "tokens",
+    balance_load: Annotated[
+        str,
+        typer.Option(
+            help="Passes the expert balancing counts: serving (each training batch also run once as served, "
+            "eval mode without dropout) or train (the training passes)."
+        ),
+    ] = "train",
+    settle_steps: Annotated[
+        int,
+        typer.Option(
+            help="After training, aux-free updates of each layer's expert bias on the served routing of the "
+            "training data, router fixed (0: none)."
+        ),
+    ] = 300,
+    settle_floor: Annotated[
+        float,
+        typer.Option(
+            help="The settling only lifts experts below this share of their group's served load (0: the "
+            "full balance rule instead)."
+        ),
+    ] = 0.04,
     optimizer_state: Annotated[
         str,
         typer.Option(
@@ -107,6 +128,9 @@ def train(
         loss_balance=loss_balance,
         balance_scope=balance_scope,
         balance_mix=balance_mix,
+        balance_load=balance_load,
+        settle_steps=settle_steps,
+        settle_floor=settle_floor or None,
         optimizer_state=optimizer_state,
         interleave=interleave,
         medical_preset=medical_preset,

@@ -12,7 +12,10 @@ Read from `suite.json` (statistics of the validation data of every app, measured
   and the general group), per layer. Assignments are counted over every domain's validation tokens, so a
   general expert's use is its share of the general group's work on the mix the suite serves (each app's
   data in proportion); the aux-free balancing evens the load for that same mix
-  (`SuiteSettings.balance_mix`).
+  (`SuiteSettings.balance_mix`). The validation data is routed as served (eval mode, no dropout), which
+  for finance and education (dropout 0.1) concentrates tokens more than the training passes the balancing
+  saw; the suite settles the bias on the served routing of the training data after training
+  (`SuiteSettings.settle_steps`, `settle_floor`).
 """
 
 from __future__ import annotations

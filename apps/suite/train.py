@@ -11,7 +11,8 @@ scaling of the shared trunk are set by the app with the largest gradients (medic
 on them of a single-app run, and the shared trunk one update per app batch; with AdamW's moments kept per app
 (`SuiteSettings.optimizer_state`, `core.multitask.TaskAdamW`) each of those updates is the one AdamW makes from
 that app's gradients alone.
-Each app's part is then exported as a normal model directory of that app (`export_task_model` keeps the
+After training, each MoE layer's selection bias is settled on the served (eval-mode) routing of the apps'
+training examples (`SuiteSettings.settle_steps`, `settle_floor`). Each app's part is then exported as a normal model directory of that app (`export_task_model` keeps the
 domain the suite gave its tokens), finished and evaluated by the app's own predictor (`finish_fit`, the
 app's validation metrics) and saved with the app's own `save`. `suite.json` lists the parts, the expert
 groups, the metrics and the routing statistics measured on the validation data.
@@ -89,6 +90,24 @@ class SuiteSettings:
             data and the one the routing report counts; `DomainMoE.set_balance_mix`) or "batches" (the
             tokens of the training batches as they come: a batch of every app per round, so a small app
             weighs as much as its batch size and length give it, whatever its share of the data).
+        balance_load: the passes whose routing the aux-free balancing counts during training: "train" (the
+            training passes) or "serving" (each training batch is also run once as the model serves it, eval
+            mode without dropout, and only that pass is counted; `core.moe.serving_load_pass`; one more
+            forward pass per batch). With dropout (finance and education: 0.1) a token's router input in
+            training is a noisy copy of the served one, which spreads the training load over more experts
+            than serving does.
+        settle_steps: after training, every MoE layer's selection bias takes this many updates on the served
+            routing (eval mode) of all the apps' training examples, with the router fixed
+            (`core.multitask.settle_served_balance`); 0 skips it. Served (no dropout), a finance window's
+            tokens mostly share one expert pair, so an update during training, on a few batches, moves the
+            whole load at once and the bias ends wherever the last updates left it, which left an expert of
+            a group nearly idle on the served data in some seeds.
+        settle_floor: the settling only lifts the experts below this share of their balance group's served
+            load, on the mix of `balance_mix` (`DomainMoE.settle_bias`), so it moves as few tokens as that
+            takes away from the routing the experts were trained with; twice the routing report's 2%, as the
+            report counts held-out data in another mix of the apps (validation sets of other sizes; a finance
+            window carries its history). None: the full balance rule (groups, targets, mix), which moves
+            many more tokens.
         optimizer_state: "per_app" (AdamW moments kept per app, `core.multitask.TaskAdamW`: each app's update
             of the shared trunk is the one AdamW makes from that app's gradients alone, as in its own run) or
             "shared" (one AdamW state for every step, mixing the apps' momentum and gradient scales).
@@ -109,6 +128,9 @@ class SuiteSettings:
     loss_balance: str = "sum"
     balance_scope: str = "within"
     balance_mix: str = "tokens"
+    balance_load: str = "train"
+    settle_steps: int = 300
+    settle_floor: float | None = 0.04
     optimizer_state: str = "per_app"
     interleave: bool = True
     trunk: Mapping[str, Any] = field(default_factory=dict)
@@ -288,7 +310,13 @@ def train_suite(
     from transformers import set_seed
 
     from core.model import CoreModel
-    from core.multitask import MultiTaskModel, RoundCollator, RoundRobinDataset, export_task_model
+    from core.multitask import (
+        MultiTaskModel,
+        RoundCollator,
+        RoundRobinDataset,
+        export_task_model,
+        settle_served_balance,
+    )
     from core.train import MaskedFieldCollator, TaskCollator, default_training_args
 
     settings = settings or SuiteSettings()
@@ -310,7 +338,7 @@ def train_suite(
     runs = {name: PREPARE[name](Path(sources[name]), settings, dict(trunk)) for name in names}
     set_seed(settings.seed)
     models = {name: CoreModel(_suite_config(run.plan, groups)) for name, run in runs.items()}
-    suite = MultiTaskModel(models, loss_balance=settings.loss_balance)
+    suite = MultiTaskModel(models, loss_balance=settings.loss_balance, balance_load=settings.balance_load)
     _set_balance_scope(suite, settings.balance_scope, groups, trunk["n_routed_experts"])
     served = {name: data_tokens(run.plan.task_examples, run.plan.config) for name, run in runs.items()}
     if settings.balance_mix == "tokens":
@@ -378,6 +406,13 @@ def train_suite(
                 training[f"finish_{name}"] = _finish_stage(
                     suite, name, run, domain_ids[name], groups.get(name, []), settings, common, Path(work)
                 )
+    if settings.settle_steps > 0:
+        settle_served_balance(
+            suite,
+            {n: _tagged(r.plan.task_examples, domain_ids[n]) for n, r in runs.items()},
+            steps=settings.settle_steps,
+            floor=settings.settle_floor,
+        )
     suite.eval()
 
     out.mkdir(parents=True, exist_ok=True)
@@ -415,6 +450,9 @@ def train_suite(
             "loss_balance": settings.loss_balance,
             "balance_scope": settings.balance_scope,
             "balance_mix": settings.balance_mix,
+            "balance_load": settings.balance_load,
+            "settle_steps": settings.settle_steps,
+            "settle_floor": settings.settle_floor,
             "optimizer_state": settings.optimizer_state,
             "data_tokens": served,
             "interleave": settings.interleave,
@@ -444,6 +482,7 @@ OPTIMIZER_STATES = ("per_app", "shared")
 
 
 def _check_settings(settings: SuiteSettings) -> None:
+    from core.moe import BALANCE_LOAD_SOURCES
     from core.multitask import LOSS_BALANCES
 
     if settings.balance_scope not in BALANCE_SCOPES:
@@ -454,6 +493,10 @@ def _check_settings(settings: SuiteSettings) -> None:
         raise InputValidationError(
             f"suite: balance_mix must be one of {BALANCE_MIXES}, got {settings.balance_mix!r}"
         )
+    if settings.balance_load not in BALANCE_LOAD_SOURCES:
+        raise InputValidationError(
+            f"suite: balance_load must be one of {BALANCE_LOAD_SOURCES}, got {settings.balance_load!r}"
+        )
     if settings.optimizer_state not in OPTIMIZER_STATES:
         raise InputValidationError(
             f"suite: optimizer_state must be one of {OPTIMIZER_STATES}, got {settings.optimizer_state!r}"
@@ -461,6 +504,12 @@ def _check_settings(settings: SuiteSettings) -> None:
     if settings.loss_balance not in LOSS_BALANCES:
         raise InputValidationError(
             f"suite: loss_balance must be one of {LOSS_BALANCES}, got {settings.loss_balance!r}"
+        )
+    if settings.settle_steps < 0:
+        raise InputValidationError(f"suite: settle_steps must be >= 0, got {settings.settle_steps}")
+    if settings.settle_floor is not None and not 0.0 < settings.settle_floor < 1.0:
+        raise InputValidationError(
+            f"suite: settle_floor must be in (0, 1) or None, got {settings.settle_floor}"
         )
     if settings.finish_steps < 0:
         raise InputValidationError(f"suite: finish_steps must be >= 0, got {settings.finish_steps}")

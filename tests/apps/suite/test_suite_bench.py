@@ -1,0 +1,65 @@
+"""The suite benchmark's screening helpers (bench/suite_bench.py): data reuse, code fingerprint, settings."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[3] / "bench" / "suite_bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("suite_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _args(bench, *extra: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    bench.add_suite_arguments(parser)
+    return parser.parse_args(list(extra))
+
+
+def test_reuse_takes_the_recorded_data_only_for_the_same_data_arguments(bench, tmp_path, monkeypatch):
+    made = []
+
+    def fake_make_data(work, args):  # stands in for the generators: records each call
+        made.append(args.cases)
+        return {"train": {"medical": work / "med"}, "test": {"medical": work / "t"}, "sizes": {}}
+
+    monkeypatch.setattr(bench, "make_data", fake_make_data)
+    first = bench.load_or_make_data(tmp_path, _args(bench, "--reuse"))
+    assert made == [60] and json.loads((tmp_path / "data.json").read_text())["key"]["cases"] == 60
+    again = bench.load_or_make_data(tmp_path, _args(bench, "--reuse"))
+    assert made == [60] and again["train"]["medical"] == first["train"]["medical"] == tmp_path / "med"
+    bench.load_or_make_data(tmp_path, _args(bench, "--reuse", "--cases", "80"))  # other data: generated
+    bench.load_or_make_data(tmp_path, _args(bench, "--cases", "80"))  # no --reuse: generated
+    assert made == [60, 80, 80]
+
+
+def test_source_fingerprint_changes_with_the_code(bench, tmp_path, monkeypatch):
+    for folder in ("core", "apps"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.py").write_text("a = 1\n")
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    before = bench.source_fingerprint()
+    assert bench.source_fingerprint() == before
+    (tmp_path / "apps" / "x.py").write_text("a = 2\n")
+    assert bench.source_fingerprint() != before
+
+
+def test_suite_settings_carry_the_settling_options(bench):
+    settings = bench.suite_settings(_args(bench, "--settle-steps", "50", "--settle-floor", "0.05"))
+    assert (settings.settle_steps, settings.settle_floor, settings.balance_load) == (50, 0.05, "train")
+    assert bench.suite_settings(_args(bench, "--settle-floor", "0")).settle_floor is None
+    own = bench.own_settings(_args(bench, "--finish-steps", "8"))
+    assert own.finish_steps == 0 and own.max_steps == 160 and own.settle_steps == 300
