@@ -11,21 +11,12 @@ from core.errors import ConfigError, InputValidationError
 from core.model import CoreModel
 from core.moe import DomainMoE, serving_load_pass
 from core.multitask import MultiTaskModel
-from core.train import TaskCollator
+from tests.apps.suite.test_joint_training import _batch as joint_batch
 from tests.core.test_multitask import _config
 
 
 def _batch(domain: int, seed: int, n: int = 8, length: int = 12) -> dict:
-    rng = np.random.default_rng(seed)
-    examples = [
-        {
-            "categorical": {"x": rng.integers(2, 10, length)},
-            "domain_ids": np.int64(domain),
-            "labels": int(rng.integers(0, 2)),
-        }
-        for _ in range(n)
-    ]
-    return TaskCollator()(examples)
+    return joint_batch(domain, seed, n=n, length=length)
 
 
 def _loads(model: torch.nn.Module) -> list[torch.Tensor]:
