@@ -485,26 +485,17 @@ def _check_settings(settings: SuiteSettings) -> None:
     from core.moe import BALANCE_LOAD_SOURCES
     from core.multitask import LOSS_BALANCES
 
-    if settings.balance_scope not in BALANCE_SCOPES:
-        raise InputValidationError(
-            f"suite: balance_scope must be one of {BALANCE_SCOPES}, got {settings.balance_scope!r}"
-        )
-    if settings.balance_mix not in BALANCE_MIXES:
-        raise InputValidationError(
-            f"suite: balance_mix must be one of {BALANCE_MIXES}, got {settings.balance_mix!r}"
-        )
-    if settings.balance_load not in BALANCE_LOAD_SOURCES:
-        raise InputValidationError(
-            f"suite: balance_load must be one of {BALANCE_LOAD_SOURCES}, got {settings.balance_load!r}"
-        )
-    if settings.optimizer_state not in OPTIMIZER_STATES:
-        raise InputValidationError(
-            f"suite: optimizer_state must be one of {OPTIMIZER_STATES}, got {settings.optimizer_state!r}"
-        )
-    if settings.loss_balance not in LOSS_BALANCES:
-        raise InputValidationError(
-            f"suite: loss_balance must be one of {LOSS_BALANCES}, got {settings.loss_balance!r}"
-        )
+    choices = {
+        "balance_scope": BALANCE_SCOPES,
+        "balance_mix": BALANCE_MIXES,
+        "balance_load": BALANCE_LOAD_SOURCES,
+        "optimizer_state": OPTIMIZER_STATES,
+        "loss_balance": LOSS_BALANCES,
+    }
+    for name, allowed in choices.items():
+        value = getattr(settings, name)
+        if value not in allowed:
+            raise InputValidationError(f"suite: {name} must be one of {allowed}, got {value!r}")
     if settings.settle_steps < 0:
         raise InputValidationError(f"suite: settle_steps must be >= 0, got {settings.settle_steps}")
     if settings.settle_floor is not None and not 0.0 < settings.settle_floor < 1.0:
