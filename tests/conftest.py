@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,6 +19,15 @@ from core.db import Base, make_engine
 
 if TYPE_CHECKING:
     from tests.e2e.suite import DemoHome
+
+
+def load_bench(name: str) -> ModuleType:
+    """A benchmark script under bench/ (not a package) loaded as a module, for tests of its helpers."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from apps.education.synthetic import LearnerConfig, LearnerSimulator, generate
-
-BENCH = Path(__file__).resolve().parents[3] / "bench" / "education_recommend_bench.py"
+from tests.conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("education_recommend_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("education_recommend_bench")
 
 
 def _identical_learners(n: int, ability: np.ndarray) -> LearnerSimulator:
