@@ -497,22 +497,8 @@ class DynamicAttention(nn.Module):
         return F.softplus(self.recency_slope.float())  # (H,)
 
     def _dense(self, q, k, v, key_valid, output_attentions, positions=None):
-        length = q.shape[-2]
         dropout = self.dropout if self.training else 0.0
-        mask = None
-        if key_valid is not None:
-            mask = key_valid[:, None, None, :]  # (B, 1, 1, T)
-            if self.causal:
-                mask = mask & torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-            # A padded query whose keys are all padding still attends to itself: no NaN rows.
-            mask = mask | torch.eye(length, dtype=torch.bool, device=q.device)
-        bias = None
-        if positions is not None:  # recency bias (causal only): a float mask carrying -inf outside `mask`
-            if mask is None:
-                mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-            distance = positions[:, None, :, None] - positions[:, None, None, :]  # (B|1, 1, T, T)
-            bias = recency_logits(self._recency_slopes(), distance).masked_fill(~mask, float("-inf"))
-            bias = bias.to(q.dtype)  # (B|1, H, T, T)
+        mask, bias = self._dense_mask(key_valid, positions, q.shape[-2], q.device, q.dtype)
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -521,17 +507,40 @@ class DynamicAttention(nn.Module):
             dropout_p=dropout,
             is_causal=self.causal and mask is None,
         )  # (B, H, T, D)
-        weights = None
-        if output_attentions:
-            if mask is None and self.causal:
-                mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-            logits = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # (B, H, T, T)
-            if bias is not None:
-                logits = logits + bias
-            elif mask is not None:
-                logits = logits.masked_fill(~mask, float("-inf"))
-            weights = torch.softmax(logits.float(), dim=-1).to(q.dtype)
+        weights = self._dense_weights(q, k, mask, bias) if output_attentions else None
         return out, AttentionTrace(is_dense=True, attention_weights=weights)
+
+    def _dense_mask(self, key_valid, positions, length, device, dtype):
+        """The dense path's (mask, bias): the boolean mask (B, 1, 1|T, T) of padding and causality, where
+        each query sees itself (a padded query whose keys are all padding gets no NaN row), or None; with
+        `positions` (recency bias, causal only) also the float mask (B|1, H, T, T) carrying -inf outside it.
+        """
+        mask = None
+        if key_valid is not None:
+            mask = key_valid[:, None, None, :]  # (B, 1, 1, T)
+            if self.causal:
+                mask = mask & torch.ones(length, length, dtype=torch.bool, device=device).tril()
+            mask = mask | torch.eye(length, dtype=torch.bool, device=device)
+        bias = None
+        if positions is not None:
+            if mask is None:
+                mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+            distance = positions[:, None, :, None] - positions[:, None, None, :]  # (B|1, 1, T, T)
+            bias = recency_logits(self._recency_slopes(), distance).masked_fill(~mask, float("-inf"))
+            bias = bias.to(dtype)
+        return mask, bias
+
+    def _dense_weights(self, q, k, mask, bias):
+        """The attention weights (B, H, T, T) of the dense path for q, k (B, H, T, D), `_dense_mask`'s."""
+        length = q.shape[-2]
+        if mask is None and self.causal:
+            mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+        logits = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # (B, H, T, T)
+        if bias is not None:
+            logits = logits + bias
+        elif mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        return torch.softmax(logits.float(), dim=-1).to(q.dtype)
 
     def _dense_export(self, hidden_states, attention_mask, position_ids, output_attentions):
         """`forward`'s dense path as exported (torch.export / ONNX): the same arithmetic in the (B, T, H*D)
@@ -552,20 +561,11 @@ class DynamicAttention(nn.Module):
             sin_half = sin[..., : dim // 2].expand(batch, length, dim // 2)
             q = rotary_embedding(q, cos_half, sin_half, num_heads=heads)
             k = rotary_embedding(k, cos_half, sin_half, num_heads=heads)
-        mask = None
-        if attention_mask is not None:
-            mask = attention_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, T)
-            if self.causal:
-                mask = mask & torch.ones(length, length, dtype=torch.bool, device=device).tril()
-            mask = mask | torch.eye(length, dtype=torch.bool, device=device)
-        bias = None
-        if self.recency_slope is not None:  # as `_dense`: a float mask carrying -inf outside `mask`
-            if mask is None:
-                mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        key_valid = None if attention_mask is None else attention_mask.to(torch.bool)
+        positions = None
+        if self.recency_slope is not None:
             positions = position_ids.to(torch.float32).reshape(-1, length)  # (B|1, T)
-            distance = positions[:, None, :, None] - positions[:, None, None, :]  # (B|1, 1, T, T)
-            bias = recency_logits(self._recency_slopes(), distance).masked_fill(~mask, float("-inf"))
-            bias = bias.to(q.dtype)  # (B|1, H, T, T)
+        mask, bias = self._dense_mask(key_valid, positions, length, device, q.dtype)
         out = attention(
             q,
             k,
@@ -583,14 +583,7 @@ class DynamicAttention(nn.Module):
         weights = None
         if output_attentions:
             q4, k4 = (t.view(batch, length, heads, dim).transpose(1, 2) for t in (q, k))  # (B, H, T, D)
-            if mask is None and self.causal:
-                mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-            logits = (q4 @ k4.transpose(-1, -2)) / math.sqrt(dim)  # (B, H, T, T)
-            if bias is not None:
-                logits = logits + bias
-            elif mask is not None:
-                logits = logits.masked_fill(~mask, float("-inf"))
-            weights = torch.softmax(logits.float(), dim=-1).to(q.dtype)
+            weights = self._dense_weights(q4, k4, mask, bias)
         return self.o_proj(out), AttentionTrace(is_dense=True, attention_weights=weights)
 
     # ------------------------------------------------------------------ block-sparse path
