@@ -55,6 +55,33 @@ from core.compress import CompressionOptions  # noqa: E402
 from core.onnx_model import KEEP_FP32_DEFAULT  # noqa: E402
 
 APPS = ("finance", "medical", "education")
+#: Pruning of the pruned variants per domain (`domain_ratios` specs).
+PRUNE_FFN_DEFAULT = ("0.25",)
+PRUNE_HEADS_DEFAULT = ("0.0",)
+
+
+def domain_ratios(specs: list[str] | tuple[str, ...], option: str) -> dict[str, float]:
+    """Per-domain pruning shares from specs like ``["0.25", "education=0.5"]``: a bare ratio sets every
+    domain, ``DOMAIN=RATIO`` one domain (later specs win). Raises ValueError naming the option and the
+    spec for an unknown domain or a ratio outside [0, 1)."""
+    ratios = dict.fromkeys(APPS, 0.0)
+    for spec in specs:
+        domain, _, value = spec.rpartition("=")
+        if domain and domain not in APPS:
+            raise ValueError(
+                f"{option}: unknown domain {domain!r} in {spec!r}; expected one of {', '.join(APPS)}"
+            )
+        try:
+            ratio = float(value)
+        except ValueError:
+            raise ValueError(f"{option}: {spec!r} is not RATIO or DOMAIN=RATIO with a number") from None
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"{option}: ratio {ratio} in {spec!r} is outside [0, 1)")
+        for name in [domain] if domain else APPS:
+            ratios[name] = ratio
+    return ratios
+
+
 VARIANTS = ("int8", "pruned_int8", "pruned_qat_int8")
 
 
@@ -157,7 +184,8 @@ def _options(variant: str, domain: str, args: argparse.Namespace) -> Compression
     if variant.startswith("pruned"):
         options.prune_experts = True
         options.expert_threshold = args.expert_threshold
-        options.ffn_ratio = args.prune_ffn
+        options.ffn_ratio = args.prune_ffn[domain]
+        options.head_ratio = args.prune_heads[domain]
     if variant == "pruned_qat_int8":
         options.qat_steps = args.qat_steps
     return options
@@ -379,6 +407,18 @@ def _ratios_text(rows: dict, key: str, title: str) -> str:
     return f"; {title} ratios b1 {parts[0]}, b64 {parts[1]}"
 
 
+def _pruning_text(meta: dict[str, Any]) -> str:
+    """ "F of the FFN units and H of the heads removed" per domain (one ratio for a run from before per-domain
+    pruning was recorded)."""
+    pruning = meta.get("pruning")
+    if not pruning:
+        return f"{meta['args']['prune_ffn']} of the FFN units removed"
+    return "; ".join(
+        f"{app}: {ratios['ffn']} of the FFN units and {ratios['heads']} of the attention heads removed"
+        for app, ratios in pruning.items()
+    )
+
+
 def _markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
     suite_bytes = next(iter(next(iter(results.values()))["variants"].values()))["suite_bytes"]
     lines = [
@@ -399,7 +439,7 @@ def _markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
         f"Suite model: {meta['suite']} ({suite_bytes / 1e6:.2f} MB fp32 safetensors, every part's tensors "
         "with the shared trunk once). Each domain's part holds the trunk and that app's embedders and heads; "
         f"`verticals compress --model SUITE --domain D`; pruning: experts with <= {meta['args']['expert_threshold']} "
-        f"of the domain's assignments dropped, {meta['args']['prune_ffn']} of the FFN units removed; QAT "
+        f"of the domain's assignments dropped, {_pruning_text(meta)}; QAT "
         f"{meta['args']['qat_steps']} steps. Metric on each app's held-out test data through its own predictor."
         + (
             " Suite trunk: " + ", ".join(f"{k} {v}" for k, v in meta["trunk"].items()) + "."
@@ -526,7 +566,18 @@ def main() -> None:
     )
     # Compression.
     parser.add_argument("--expert-threshold", type=float, default=0.02)
-    parser.add_argument("--prune-ffn", type=float, default=0.25)
+    parser.add_argument(
+        "--prune-ffn",
+        nargs="+",
+        default=list(PRUNE_FFN_DEFAULT),
+        help="Share of the FFN units the pruned variants remove: RATIO for every domain and/or DOMAIN=RATIO.",
+    )
+    parser.add_argument(
+        "--prune-heads",
+        nargs="+",
+        default=list(PRUNE_HEADS_DEFAULT),
+        help="Share of the attention heads the pruned variants remove: RATIO and/or DOMAIN=RATIO.",
+    )
     parser.add_argument("--qat-steps", type=int, default=30)
     parser.add_argument("--calibration-size", type=int, default=128)
     parser.add_argument(
@@ -554,6 +605,11 @@ def main() -> None:
         help="Time (--repeats forwards) and profile the artifacts of an earlier run (same --work) again; rewrite both files.",
     )
     args = parser.parse_args()
+    try:
+        args.prune_ffn = domain_ratios(args.prune_ffn, "--prune-ffn")
+        args.prune_heads = domain_ratios(args.prune_heads, "--prune-heads")
+    except ValueError as error:
+        parser.error(str(error))
     if args.render_only or args.remeasure_latency:
         saved = json.loads((args.out / f"{args.name}.json").read_text())
         suite = Path(saved["meta"]["suite"])
@@ -585,6 +641,7 @@ def main() -> None:
         "trunk_changes": trunk_changes(args) if args.suite_model is None else {},
         "trunk": suite_trunk(suite),
         "keep_fp32": {app: list(getattr(args, f"{app}_keep_fp32")) for app in args.apps},
+        "pruning": {app: {"ffn": args.prune_ffn[app], "heads": args.prune_heads[app]} for app in args.apps},
         "args": {k: str(v) for k, v in vars(args).items()},
     }
     results = {}
