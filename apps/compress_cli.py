@@ -306,7 +306,7 @@ def compress_command(
         typer.Option(
             "--keep-fp32",
             help="Module path pattern kept in fp32 by --int8 (repeatable, e.g. 'volume_embedder.*', "
-            "'classifier'); always kept: the MoE routers and domain priors and the CT volume embedder.",
+            "'classifier'); always kept: the MoE routers and domain priors and the convolutional CT stem.",
         ),
     ] = None,
     keep_sensitive: Annotated[

@@ -521,8 +521,8 @@ def _markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
         "",
         "Size % counts the inference graph and heads (`model.onnx`, `classifier.onnx` / `next_step.onnx`); "
         "the explanation graph (`model_explain.onnx`, attention weights for explain/diagnose) is optional "
-        "(`--no-explanations`). MoE routers, domain priors and the CT volume embedder stay fp32 by default "
-        "(`core.onnx_model.KEEP_FP32_DEFAULT`; a few KB); "
+        "(`--no-explanations`). MoE routers, domain priors and a convolutional CT stem stay fp32 by "
+        "default (`core.onnx_model.KEEP_FP32_DEFAULT`; a few KB); "
         + (
             "kept fp32 as well: "
             + "; ".join(f"{d}: {', '.join(p)}" for d, p in meta["keep_fp32"].items() if p)

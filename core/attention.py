@@ -128,6 +128,9 @@ def select_blocks(q, k, key_valid, gating_factor, block_size: int, top_k_blocks:
         gate_scores (B, H, N, N), allowed (B|1, 1, N, N) bool, selected (B, H, N, S) long with
         S = 1 + k, and pick_valid (B, H, N, S) bool.
     """
+    if torch.compiler.is_exporting():
+        q_pool, k_pool, block_has_keys = _export_pools(q, k, key_valid, block_size, causal)
+        return select_pooled_blocks(q_pool, k_pool, block_has_keys, gating_factor, top_k_blocks, causal)
     batch, heads, padded_len, dim = q.shape
     bs = block_size
     n_blocks = padded_len // bs
@@ -145,22 +148,58 @@ def select_blocks(q, k, key_valid, gating_factor, block_size: int, top_k_blocks:
         block_has_keys = key_valid.view(batch, n_blocks, bs).any(dim=-1)  # (B, N)
     if causal:
         q_pool = causal_query_pool(q, key_valid, block_size)
+    return select_pooled_blocks(q_pool, k_pool, block_has_keys, gating_factor, top_k_blocks, causal)
+
+
+def select_pooled_blocks(q_pool, k_pool, block_has_keys, gating_factor, top_k_blocks: int, causal: bool):
+    """`select_blocks` from the pooled queries and keys (B, H, N, D) and `block_has_keys` (B|1, N) bool."""
+    batch, heads, n_blocks, dim = q_pool.shape
+    device = q_pool.device
     k_gate = k_pool + torch.einsum("bhnd,hde->bhne", k_pool, gating_factor.to(k_pool.dtype))  # (B, H, N, D)
     gate_scores = (q_pool @ k_gate.transpose(-1, -2)) / math.sqrt(dim)  # (B, H, N, N)
 
     allowed = block_has_keys[:, None, None, :].expand(-1, 1, n_blocks, -1)  # (B|1, 1, N, N)
     if causal:
-        allowed = allowed & torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=q.device).tril()
-    eye = torch.eye(n_blocks, dtype=torch.bool, device=q.device)
+        allowed = allowed & torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=device).tril()
+    eye = torch.eye(n_blocks, dtype=torch.bool, device=device)
     # Scores for choosing among the *other* blocks: the own block is always kept separately.
     neg = torch.finfo(gate_scores.dtype).min
     others = gate_scores.masked_fill(~allowed | eye, neg)
     top_k = min(top_k_blocks, n_blocks - 1)
     top_values, top_idx = others.topk(top_k, dim=-1)  # (B, H, N, k)
-    own = torch.arange(n_blocks, device=q.device).view(1, 1, n_blocks, 1).expand(batch, heads, -1, 1)
+    own = torch.arange(n_blocks, device=device).view(1, 1, n_blocks, 1).expand(batch, heads, -1, 1)
     selected = torch.cat([own, top_idx], dim=-1)  # (B, H, N, S)
     pick_valid = torch.cat([torch.ones_like(own, dtype=torch.bool), top_values > neg / 2], dim=-1)
     return gate_scores, allowed, selected, pick_valid
+
+
+def _export_pools(q, k, key_valid, block_size: int, causal: bool):
+    """`select_blocks`' pooled queries and keys (B, H, N, D) and `block_has_keys` (B|1, N) as exported: each
+    pool is a weighted sum over the tokens, one (N, Tp) x (Tp, D) MatMul per head, instead of the masked
+    block sums and `causal_query_pool`'s cumulative sums (element-wise passes over all of q and k in ONNX
+    Runtime). The same weights, so the same pools up to the order of float additions."""
+    padded_len = q.shape[2]
+    n_blocks = padded_len // block_size
+    tokens = torch.arange(padded_len, device=q.device)  # (Tp,)
+    blocks = torch.arange(n_blocks, device=q.device)[:, None]  # (N, 1)
+    weight = (
+        torch.ones(1, 1, padded_len, dtype=q.dtype, device=q.device)
+        if key_valid is None
+        else key_valid[:, None, :].to(q.dtype)
+    )  # (B|1, 1, Tp)
+    in_block = (tokens // block_size == blocks).to(q.dtype) * weight  # (B|1, N, Tp)
+
+    def pool(members: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        count = members.sum(dim=-1, keepdim=True).clamp_min(1.0)  # (B|1, N, 1)
+        return (members / count)[:, None] @ x  # (B|1, 1, N, Tp) @ (B, H, Tp, D) -> (B, H, N, D)
+
+    if causal:  # `causal_query_pool`: the `block_size` queries ending at each block's first token
+        window = (tokens <= blocks * block_size) & (tokens > (blocks - 1) * block_size)  # (N, Tp)
+        q_pool = pool(window.to(q.dtype) * weight, q)
+    else:
+        q_pool = pool(in_block, q)
+    block_has_keys = in_block.sum(dim=-1) > 0  # (B|1, N)
+    return q_pool, pool(in_block, k), block_has_keys
 
 
 def causal_query_pool(q, key_valid, block_size: int):
@@ -627,13 +666,16 @@ class DynamicAttention(nn.Module):
             gate_scores, allowed, selected, pick_valid = select_blocks(
                 q, k, key_valid, self.gating_factor, bs, self.top_k_blocks, self.causal
             )
-            factor = straight_through(gate_scores, allowed, selected, pick_valid)  # (B, H, N)
             out, weights = self._gathered(
                 q, k, v, key_valid, selected, pick_valid, output_attentions, positions=positions
             )
-            out = (out.view(batch, heads, n_blocks, bs, dim) * factor[..., None, None]).view(
-                batch, heads, padded_len, dim
-            )  # (B, H, Tp, D)
+            # The straight-through factor is exactly 1 in a forward pass; an exported (inference) graph
+            # leaves out its softmax and the multiplication of every output.
+            if not torch.compiler.is_exporting():
+                factor = straight_through(gate_scores, allowed, selected, pick_valid)  # (B, H, N)
+                out = (out.view(batch, heads, n_blocks, bs, dim) * factor[..., None, None]).view(
+                    batch, heads, padded_len, dim
+                )  # (B, H, Tp, D)
         trace_indices = selected.masked_fill(~pick_valid, -1)
         out = out[:, :, :length]  # (B, H, T, D)
         if weights is not None:

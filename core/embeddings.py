@@ -307,11 +307,26 @@ class VolumeEmbedder(nn.Module):
             )
         return tuple(size // patch for size, patch in zip(spatial, self.patch_size, strict=True))
 
+    def _patchify_export(self, volume: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """The patch projection (a Conv3d with kernel = stride) as exported: the patches as rows, then one
+        MatMul with the flattened kernel (one initializer after `core.onnx_model._fold_weight_views`), which
+        ONNX Runtime's dynamic int8 runs on its integer kernels (its `ConvInteger` is slower than the fp32
+        `Conv`; `core.onnx_model.KEEP_FP32_DEFAULT` has the numbers)."""
+        channels = volume.shape[1]
+        (gd, gh, gw), (pd, ph, pw) = grid, self.patch_size
+        patches = volume.reshape(-1, channels, gd, pd, gh, ph, gw, pw)  # (B, C, D', pd, H', ph, W', pw)
+        patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7)  # (B, D', H', W', C, pd, ph, pw): Conv3d's order
+        patches = patches.reshape(-1, gd * gh * gw, channels * pd * ph * pw)  # (B, N, C*pd*ph*pw)
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)  # (B, N, hidden)
+
     def forward(self, volume: torch.Tensor) -> torch.Tensor:
         """Embed (B, C, D, H, W) volumes into (B, D'*H'*W', hidden) patch tokens."""
         grid = self.grid(tuple(volume.shape))
         if self.stem is None:
-            tokens = self.proj(volume).flatten(2).transpose(1, 2)  # (B, N, hidden)
+            if torch.compiler.is_exporting():
+                tokens = self._patchify_export(volume, grid)  # (B, N, hidden)
+            else:
+                tokens = self.proj(volume).flatten(2).transpose(1, 2)  # (B, N, hidden)
             tokens = tokens + sincos_3d(grid, tokens.shape[-1], tokens.device).to(tokens.dtype)
             return self.norm(tokens)
         features = self.stem(volume)  # (B, 4w, D', H', W')
