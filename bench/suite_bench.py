@@ -20,7 +20,7 @@ Usage:
     .venv/bin/python bench/suite_bench.py --seeds 15 --jobs 15 --test-cases 150 --accounts 600  # reported run
     # a screen of a suite-only change: data and own models of an earlier run in --work are reused
     .venv/bin/python bench/suite_bench.py --seeds 4 --jobs 2 --test-cases 150 --accounts 600 \
-        --work /tmp/sb --reuse --finish-steps 32
+        --work /tmp/sb --reuse --own --finish-steps medical=32  # the suite alone, medical finishing
     .venv/bin/python bench/suite_bench.py                  # CPU, 1 thread (a few minutes)
     .venv/bin/python bench/suite_bench.py --device cuda --threads 8
     .venv/bin/python bench/suite_bench.py --quick          # smoke test
@@ -50,7 +50,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from apps.suite.routing import routing_report  # noqa: E402
-from apps.suite.train import HEADLINE_METRICS, SuiteSettings, train_suite  # noqa: E402
+from apps.suite.train import (  # noqa: E402
+    HEADLINE_METRICS,
+    SuiteSettings,
+    finish_plan,
+    parse_finish_steps,
+    train_suite,
+)
+from core.errors import InputValidationError  # noqa: E402
 from core.train import resolve_model_dir  # noqa: E402
 
 logger = logging.getLogger("suite_bench")
@@ -177,18 +184,22 @@ TEST_METRICS = {"finance": "average_precision", "medical": "auroc_macro", "educa
 def suite_settings(args: argparse.Namespace) -> SuiteSettings:
     """The suite's training settings (shared with bench/compress_bench.py).
 
-    `--steps` task batches per app: `--steps - --finish-steps` of them trained with every app (interleaved:
-    one optimizer step per app batch, the apps in turn; joint: one step per round of a batch of every app),
-    then `--finish-steps` per app alone on its own embedders, head and expert group.
+    `--steps` task batches per app: an app with K finishing steps (`--finish-steps K` for every app, or
+    `APP=K`) trains `--steps - K` of them with every app (interleaved: one optimizer step per app batch,
+    the apps in turn; joint: one step per round of a batch of every app), spread over the joint stage, then
+    K alone on its own embedders, head and expert group (`apps.suite.train.finish_schedule`).
     """
-    if not 0 <= args.finish_steps < args.steps:
-        raise ValueError(f"--finish-steps must be in [0, --steps={args.steps}), got {args.finish_steps}")
+    steps = finish_plan(SuiteSettings(finish_steps=args.finish_steps), APPS)
+    if any(not 0 <= k < args.steps for k in steps.values()):
+        raise ValueError(
+            f"--finish-steps must be in [0, --steps={args.steps}) per app, got {args.finish_steps}"
+        )
     return SuiteSettings(
         epochs=1000.0,  # the length is set by the step caps, identical for every run
         pretrain_epochs=1000.0 if args.pretrain_steps > 0 else 0.0,
         learning_rate=args.learning_rate,
         seed=args.seed,
-        max_steps=args.steps - args.finish_steps,
+        max_steps=args.steps,
         pretrain_max_steps=args.pretrain_steps,
         finish_steps=args.finish_steps,
         loss_balance=args.loss_balance,
@@ -197,6 +208,7 @@ def suite_settings(args: argparse.Namespace) -> SuiteSettings:
         balance_load=args.balance_load,
         settle_steps=args.settle_steps,
         settle_floor=args.settle_floor or None,
+        settle_resamples=args.settle_resamples,
         optimizer_state=args.optimizer_state,
         interleave=args.step_mode == "interleaved",
         medical_preset=args.medical_preset,
@@ -267,7 +279,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {
             "steps": args.steps,
             "finish_steps": args.finish_steps,
-            "joint_steps": args.steps - args.finish_steps,
+            "joint_steps": {
+                app: args.steps - k for app, k in finish_plan(settings["suite"], list(APPS)).items()
+            },
             "pretrain_steps": args.pretrain_steps,
             "step_mode": args.step_mode,
             "loss_balance": args.loss_balance,
@@ -276,6 +290,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "balance_load": args.balance_load,
             "settle_steps": args.settle_steps,
             "settle_floor": args.settle_floor,
+            "settle_resamples": args.settle_resamples,
             "optimizer_state": args.optimizer_state,
             "learning_rate": args.learning_rate,
             "seed": args.seed,
@@ -362,6 +377,8 @@ def run_seeds(args: argparse.Namespace) -> dict[str, Any]:
     result["seeds"] = {
         "seeds": [a.seed for a in per_seed],
         "apps": seeds,
+        # Every seed's suite figures, also when no own model is trained (a screen of the suite alone).
+        "suite_test": [r["runs"]["suite"]["test"] for r in results],
         "routing": [
             {
                 "on_group_min": r["figures"]["on_group_min"],
@@ -384,8 +401,23 @@ def run_seeds(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _per_app(value: Any) -> dict[str, int]:
+    """A per-app count of the settings (an int for every app, or app -> count) as app -> count."""
+    return (
+        {app: int(value.get(app, 0)) for app in APPS}
+        if isinstance(value, dict)
+        else dict.fromkeys(APPS, value)
+    )
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    values = set(counts.values())
+    return str(values.pop()) if len(values) == 1 else ", ".join(f"{app} {k}" for app, k in counts.items())
+
+
 def _suite_budget(s: dict[str, Any]) -> str:
-    joint, finish = s.get("joint_steps", s["steps"]), s.get("finish_steps", 0)
+    finish = _per_app(s.get("finish_steps", 0))
+    joint = _counts_text(_per_app(s.get("joint_steps", s["steps"])))
     if s.get("step_mode", "joint") == "interleaved":
         text = (
             f"Suite: interleaved, one optimizer step per app batch with the apps in turn ({joint} task and "
@@ -397,10 +429,19 @@ def _suite_budget(s: dict[str, Any]) -> str:
             f"Suite: joint, one optimizer step per round of a batch of every app ({joint} task rounds, app "
             f"losses added as `{s.get('loss_balance', 'sum')}`)"
         )
-    if finish:
+    if any(finish.values()):
+        alone = {app: k for app, k in finish.items() if k}
+        counts = (
+            f"{_counts_text(alone)} per app"
+            if len(alone) == len(APPS) and len(set(alone.values())) == 1
+            else ", ".join(f"{app} {k}" for app, k in alone.items())
+        )
         text += (
-            f", then {finish} task batches per app alone on that app's embedders, head and domain expert group "
-            "(the shared trunk as the joint steps left it)"
+            f", then task batches alone on that app's embedders, head and domain expert group ({counts}; the "
+            "shared trunk as the joint steps left it), taken out of its joint batches. An app's joint batches "
+            "are spread evenly over the joint stage, whose cosine learning-rate schedule runs over all of its "
+            "steps (so the other apps' batches keep their place in it), and each app's finishing is a Trainer "
+            "run of its own: 5% warmup, then cosine decay from the peak learning rate to 0 over its steps"
         )
     text += f". Aux-free balancing scope: {s.get('balance_scope', 'all')}"
     if "balance_mix" in s:
@@ -425,6 +466,11 @@ def _suite_budget(s: dict[str, Any]) -> str:
                 else "with the full balance rule"
             )
         )
+        if s.get("settle_resamples") and s.get("settle_floor"):
+            text += (
+                f", a share that must hold on {s['settle_resamples']} bootstrap resamples of the training "
+                "examples but for 5% of them"
+            )
     if s.get("optimizer_state") == "per_app":
         text += "; AdamW moments kept per app (`core.multitask.TaskAdamW`)"
     return text + "."
@@ -474,6 +520,15 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {app} | {c['metric']} | {values[0]} | {values[1]} | {mean} | "
                 f"{'yes' if c['within_tolerance'] else 'no'} |"
             )
+        if not seeds["apps"] and seeds.get("suite_test"):
+            lines += [
+                "",
+                "No own model trained; the suite's test figures per seed: "
+                + "; ".join(
+                    f"seed {seed}: " + ", ".join(f"{app} {value:.4f}" for app, value in test.items())
+                    for seed, test in zip(seeds["seeds"], seeds["suite_test"], strict=True)
+                ),
+            ]
         per_seed = seeds.get("routing", [])
         if per_seed:
             lines += [
@@ -526,6 +581,13 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _finish_steps_argument(text: str) -> int | dict[str, int]:
+    try:
+        return parse_finish_steps(text)
+    except InputValidationError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
     """The suite's training settings and generated data sizes (shared with bench/compress_bench.py)."""
     parser.add_argument("--steps", type=int, default=160, help="task steps per app and run")
@@ -541,9 +603,10 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--finish-steps",
-        type=int,
+        type=_finish_steps_argument,
         default=0,
-        help="of --steps, the suite's last task steps per app alone on its own parameters (0: none)",
+        help="of --steps, an app's last task steps alone on its own parameters: K (every app) or APP=K[,APP=K] "
+        "(e.g. medical=32); 0: none",
     )
     parser.add_argument(
         "--loss-balance", default="sum", choices=("sum", "relative"), help="joint steps: how losses add"
@@ -579,9 +642,16 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--settle-floor",
         type=float,
-        default=0.04,
+        default=0.08,
         help="the settling only lifts experts below this share of their group's served load (0: the full "
         "balance rule)",
+    )
+    parser.add_argument(
+        "--settle-resamples",
+        type=int,
+        default=200,
+        help="the settle floor must hold on this many bootstrap resamples of the training examples but for "
+        "5%% of them (0: on the examples themselves)",
     )
     parser.add_argument(
         "--optimizer-state",
@@ -608,10 +678,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes")
     parser.add_argument(
         "--own",
-        nargs="+",
+        nargs="*",
         default=list(APPS),
         choices=APPS,
-        help="the apps whose own model is trained and compared (default all; fewer: a faster screen)",
+        help="the apps whose own model is trained and compared (default all; fewer or none: a faster screen "
+        "of the suite alone)",
     )
     add_suite_arguments(parser)
     parser.add_argument("--work", help="folder for data and models (default: a new temporary folder)")
@@ -627,7 +698,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.steps, args.pretrain_steps, args.accounts, args.cases, args.test_cases = 6, 2, 60, 15, 10
-        args.finish_steps = min(args.finish_steps, 2)
+        args.finish_steps = {app: min(k, 2) for app, k in _per_app(args.finish_steps).items()}
         args.ct_shape, args.students, args.answers = "16x32x32", 40, 20
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():

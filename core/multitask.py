@@ -301,6 +301,8 @@ def settle_served_balance(
     steps: int = 300,
     batch_size: int = 64,
     floor: float | None = None,
+    resamples: int = 0,
+    quantile: float = 0.05,
 ) -> int:
     """Settle every MoE layer's selection bias on the routing the model serves (`DomainMoE.settle_bias`).
 
@@ -318,6 +320,9 @@ def settle_served_balance(
         batch_size: examples per forward pass.
         floor: None (the full balance rule) or a share: only lift the experts below it of their balance
             group's load (`DomainMoE.settle_bias`).
+        resamples: with a floor, bootstrap resamples of the examples (each task's within the task) on which
+            the floor must hold but for a `quantile` of them (`DomainMoE.settle_bias`); 0: these examples.
+        quantile: see `resamples`.
 
     Returns:
         The number of MoE layers settled.
@@ -330,6 +335,8 @@ def settle_served_balance(
     names = list(task_examples)
     models = {name: multitask._task(name) for name in names}
     layers = models[names[0]].moe_layers()  # the same modules in every task's model (one trunk)
+    sizes = [len(task_examples[name]) for name in names]
+    first = {name: sum(sizes[:i]) for i, name in enumerate(names)}  # each task's first example's index
     modes = [(module, module.training) for module in multitask.modules()]
     tracking = [(moe, moe.track_routing) for moe in layers]
     multitask.eval()
@@ -337,15 +344,28 @@ def settle_served_balance(
         for moe in layers:
             moe.track_routing = False
         for moe in layers:
-            with captured_router_logits(moe) as captured:
+            offsets = []  # the index of each batch's first example among all the tasks' examples
+            with captured_router_logits(moe, rows=True) as captured:
                 for name in names:
                     model, examples = models[name], list(task_examples[name])
                     for start in range(0, len(examples), batch_size):
                         batch = collate(examples[start : start + batch_size]).to(model.device)
+                        offsets.append(first[name] + start)
                         model(**batch.to_dict())
             logits = torch.cat([c[0] for c in captured])  # (N, E)
             ids = None if any(c[1] is None for c in captured) else torch.cat([c[1] for c in captured])  # (N,)
-            moe.settle_bias(logits, ids, steps=steps, floor=floor)
+            example_ids = torch.cat(
+                [c[2] + offset for c, offset in zip(captured, offsets, strict=True)]
+            )  # (N,)
+            moe.settle_bias(
+                logits,
+                ids,
+                steps=steps,
+                floor=floor,
+                example_ids=example_ids,
+                resamples=resamples,
+                quantile=quantile,
+            )
     finally:
         for moe, track in tracking:
             moe.track_routing = track
@@ -436,6 +456,14 @@ class RoundRobinDataset(Dataset):
     instead of one per round, so every task's batch gets its own step, clipped and scaled on its own, as
     in a single-task run of the same number of batches; the shared trunk gets n_tasks times the steps.
 
+    With `caps` (task name -> its number of batches), the dataset is one fixed schedule instead of epochs:
+    `max(caps)` rounds, and a task with fewer batches than that is left out of some rounds, spread evenly
+    (task t is in round r when `ceil((r + 1) * cap_t / R) > ceil(r * cap_t / R)`: in the first round), so every
+    task's k-th batch sits at about the same fraction `k / cap_t` of the schedule, and a task at the
+    largest cap is in every round, with the batches it would get in epoch 0 without caps. Run it for
+    `len(dataset)` steps (one epoch). E.g. a task trained `K` further steps alone afterwards gets `K` fewer
+    batches here, while the others' batches and their place in the learning-rate schedule stay as they were.
+
     Args:
         task_examples: task name -> encoded examples (see `core.data`).
         batch_sizes: task name -> examples per batch.
@@ -443,9 +471,11 @@ class RoundRobinDataset(Dataset):
         interleave: one task per item instead of one batch of every task.
         transforms: task name -> applied to each of that task's examples when read (training-time
             augmentation, as `core.train.ExampleDataset`'s `transform`).
+        caps: task name -> its batches in the whole schedule (every task, each >= 1), or None (epochs).
 
     Raises:
-        InputValidationError: no tasks, a task without examples, or a missing / non-positive batch size.
+        InputValidationError: no tasks, a task without examples, a missing / non-positive batch size, or
+            caps that do not give every task a positive integer.
     """
 
     def __init__(
@@ -455,9 +485,22 @@ class RoundRobinDataset(Dataset):
         seed: int = 0,
         interleave: bool = False,
         transforms: Mapping[str, Callable[[Mapping[str, Any]], Mapping[str, Any]]] | None = None,
+        caps: Mapping[str, int] | None = None,
     ) -> None:
         if not task_examples:
             raise InputValidationError("RoundRobinDataset: no tasks")
+        if caps is not None:
+            bad = {
+                name: caps.get(name)
+                for name in task_examples
+                if not isinstance(caps.get(name), int) or isinstance(caps.get(name), bool) or caps[name] < 1
+            }
+            extra = sorted(set(caps) - set(task_examples))
+            if bad or extra:
+                raise InputValidationError(
+                    f"RoundRobinDataset: caps need a positive integer for every task and no other names; "
+                    f"got {dict(caps)} for tasks {list(task_examples)}"
+                )
         for name, examples in task_examples.items():
             if not examples:
                 raise InputValidationError(f"RoundRobinDataset: task {name!r} has no examples")
@@ -471,50 +514,113 @@ class RoundRobinDataset(Dataset):
         self.seed = seed
         self.interleave = interleave
         self.transforms = dict(transforms or {})
+        self.caps = None if caps is None else {name: int(caps[name]) for name in self.task_examples}
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle the batches of every task (called by the Trainer's data loader at each epoch)."""
-        rng = random.Random(self.seed * 1_000_003 + epoch)
-        batches = {}
-        for name, examples in self.task_examples.items():
-            order = list(range(len(examples)))
-            rng.shuffle(order)
-            batches[name] = self._cut(name, order)
         self._epoch = epoch
-        self._batches = batches
-        self._rounds = max(len(b) for b in batches.values())
-        self._cycles: dict[tuple[str, int], list[list[int]]] = {}
+        self._shuffles: dict[int, dict[str, list[list[int]]]] = {}
+        self._cycles: dict[tuple[int, str, int], list[list[int]]] = {}
+        self._batches = self._epoch_batches(epoch)
+        # Rounds of an epoch without caps: the batches of the task with the most.
+        self._epoch_rounds = max(len(b) for b in self._batches.values())
+        if self.caps is None:
+            self._rounds = self._epoch_rounds
+            self._schedule = None
+        else:
+            self._rounds = max(self.caps.values())
+            self._schedule = capped_schedule(self.caps, self.interleave)
+
+    def task_batch_counts(self) -> dict[str, int]:
+        """Batches of every task in one pass over the dataset (an epoch, or the capped schedule)."""
+        if self._schedule is None:
+            return {name: self._rounds for name in self._batches}
+        counts = dict.fromkeys(self._batches, 0)
+        for item in self._schedule:
+            for name, _ in item:
+                counts[name] += 1
+        return counts
+
+    def _epoch_batches(self, epoch: int) -> dict[str, list[list[int]]]:
+        """Every task's batches of its first pass in `epoch` (one seeded shuffle per epoch)."""
+        if epoch not in self._shuffles:
+            rng = random.Random(self.seed * 1_000_003 + epoch)
+            batches = {}
+            for name, examples in self.task_examples.items():
+                order = list(range(len(examples)))
+                rng.shuffle(order)
+                batches[name] = self._cut(name, order)
+            self._shuffles[epoch] = batches
+        return self._shuffles[epoch]
 
     def _cut(self, name: str, order: list[int]) -> list[list[int]]:
         size = self.batch_sizes[name]
         return [order[i : i + size] for i in range(0, len(order), size)]
 
-    def _task_batches(self, name: str, cycle: int) -> list[list[int]]:
-        """The batches of `name`'s `cycle`-th pass over its examples in this epoch (each pass reshuffled)."""
+    def _task_batches(self, name: str, cycle: int, epoch: int) -> list[list[int]]:
+        """The batches of `name`'s `cycle`-th pass over its examples in `epoch` (each pass reshuffled)."""
         if cycle == 0:
-            return self._batches[name]
-        if (name, cycle) not in self._cycles:
+            return self._epoch_batches(epoch)[name]
+        if (epoch, name, cycle) not in self._cycles:
             order = list(range(len(self.task_examples[name])))
-            random.Random(f"{self.seed}/{self._epoch}/{name}/{cycle}").shuffle(order)
-            self._cycles[(name, cycle)] = self._cut(name, order)
-        return self._cycles[(name, cycle)]
+            random.Random(f"{self.seed}/{epoch}/{name}/{cycle}").shuffle(order)
+            self._cycles[(epoch, name, cycle)] = self._cut(name, order)
+        return self._cycles[(epoch, name, cycle)]
+
+    def _batch(self, name: str, number: int) -> list[int]:
+        """Example indices of `name`'s batch `number` of this epoch, or with caps of the schedule: the batch
+        that number would be without caps (epoch `number // rounds`, with the later epochs' reshuffles), so
+        a task in every round gets exactly the batches of an uncapped run."""
+        epoch = self._epoch
+        if self._schedule is not None:
+            epochs_per_pass = -(-self._rounds // self._epoch_rounds)
+            epoch = self._epoch * epochs_per_pass + number // self._epoch_rounds
+            number %= self._epoch_rounds
+        passes = len(self._epoch_batches(epoch)[name])
+        return self._task_batches(name, number // passes, epoch)[number % passes]
 
     def __len__(self) -> int:
+        if self._schedule is not None:
+            return len(self._schedule)
         return self._rounds * len(self._batches) if self.interleave else self._rounds
 
     def __getitem__(self, index: int) -> dict[str, list[Mapping[str, Any]]]:
-        names = list(self._batches)
-        if self.interleave:
-            names, index = [names[index % len(names)]], index // len(names)
+        if self._schedule is not None:
+            draws = self._schedule[index]  # (task, its batch number)
+        else:
+            names = list(self._batches)
+            if self.interleave:
+                names, index = [names[index % len(names)]], index // len(names)
+            draws = [(name, index) for name in names]
         item = {}
-        for name in names:
-            passes = len(self._batches[name])
-            chosen = self._task_batches(name, index // passes)[index % passes]
+        for name, number in draws:
+            chosen = self._batch(name, number)
             examples = [self.task_examples[name][i] for i in chosen]
             transform = self.transforms.get(name)
             item[name] = examples if transform is None else [transform(e) for e in examples]
         return item
+
+
+def capped_schedule(caps: Mapping[str, int], interleave: bool) -> list[list[tuple[str, int]]]:
+    """The items of a capped `RoundRobinDataset`: per item, (task, the task's batch number) pairs.
+
+    `R = max(caps)` rounds; task t is in round r when `ceil((r + 1) * cap_t / R) > ceil(r * cap_t / R)`
+    (its batches spread evenly over the rounds, every round for a task at the largest cap), and its k-th
+    appearance draws its batch k. Interleaved, each round is one item per task in it, in the order of
+    `caps`; else one item per round.
+    """
+    rounds = max(caps.values())
+    drawn = dict.fromkeys(caps, 0)
+    items: list[list[tuple[str, int]]] = []
+    for r in range(rounds):
+        present = [name for name, cap in caps.items() if -(-(r + 1) * cap // rounds) > -(-r * cap // rounds)]
+        draws = []
+        for name in present:
+            draws.append((name, drawn[name]))
+            drawn[name] += 1
+        items.extend([[draw] for draw in draws] if interleave else [draws])
+    return items
 
 
 class RoundCollator:

@@ -43,11 +43,12 @@ def train(
     ] = "small",
     max_steps: Annotated[int, typer.Option(help="Cap on batches per app and stage (-1: none).")] = -1,
     finish_steps: Annotated[
-        int,
+        str,
         typer.Option(
-            help="Task steps per app after the joint ones, on that app's own parameters only (0: none)."
+            help="An app's last task steps, alone on its own parameters, taken out of its joint steps: N "
+            "(every app) or APP=N[,APP=N] (e.g. medical=32); 0: none."
         ),
-    ] = 0,
+    ] = "0",
     loss_balance: Annotated[
         str, typer.Option(help="How joint steps add the app losses: sum or relative.")
     ] = "sum",
@@ -93,7 +94,14 @@ def train(
             help="The settling only lifts experts below this share of their group's served load (0: the "
             "full balance rule instead)."
         ),
-    ] = 0.04,
+    ] = 0.08,
+    settle_resamples: Annotated[
+        int,
+        typer.Option(
+            help="The settle floor must hold on this many bootstrap resamples of the training examples (but "
+            "for 5% of them), not only on the examples themselves (0: on the examples)."
+        ),
+    ] = 200,
     optimizer_state: Annotated[
         str,
         typer.Option(
@@ -107,7 +115,8 @@ def train(
     """Train one shared trunk on every given app (two stages), then write each app's part and suite.json."""
     import torch
 
-    from apps.suite.train import SuiteSettings, train_suite
+    from apps.suite.train import SuiteSettings, parse_finish_steps, train_suite
+    from core.errors import InputValidationError
 
     sources = {
         name: path
@@ -118,19 +127,24 @@ def train(
         raise typer.BadParameter(
             "give at least one of --finance, --medical, --education", param_hint="--finance"
         )
+    try:
+        finishing = parse_finish_steps(finish_steps)
+    except InputValidationError as error:
+        raise typer.BadParameter(str(error), param_hint="--finish-steps") from None
     settings = SuiteSettings(
         epochs=epochs,
         pretrain_epochs=pretrain_epochs,
         learning_rate=learning_rate,
         seed=seed,
         max_steps=max_steps,
-        finish_steps=finish_steps,
+        finish_steps=finishing,
         loss_balance=loss_balance,
         balance_scope=balance_scope,
         balance_mix=balance_mix,
         balance_load=balance_load,
         settle_steps=settle_steps,
         settle_floor=settle_floor or None,
+        settle_resamples=settle_resamples,
         optimizer_state=optimizer_state,
         interleave=interleave,
         medical_preset=medical_preset,

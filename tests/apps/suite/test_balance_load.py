@@ -244,3 +244,68 @@ def test_settle_floor_outside_zero_one_is_rejected(tmp_path):
         _moe().settle_bias(torch.zeros(5, 4), floor=1.5)
     with pytest.raises(InputValidationError, match="settle_floor"):
         train_suite({"finance": tmp_path / "tx.csv"}, tmp_path / "out", SuiteSettings(settle_floor=0.0))
+
+
+def test_settle_resamples_lift_an_expert_whose_share_comes_from_a_few_examples():
+    generator = torch.Generator().manual_seed(0)
+    n_examples, length = 40, 25
+    logits = 0.3 * torch.randn(n_examples * length, 4, generator=generator)  # (N, E)
+    logits += torch.tensor([1.0, 1.0, 0.5, -2.0])
+    logits[: 4 * length, 3] = 5.0  # only the tokens of 4 of the 40 examples choose expert 3
+    examples = torch.arange(n_examples).repeat_interleave(length)  # (N,) the example of every token
+    plain, resampled = _moe(), _moe()
+    for moe in (plain, resampled):
+        moe.set_balance_groups([[0, 1, 2, 3]], with_global=False)
+    assert abs(_shares(plain, logits)[3].item() - 0.05) < 1e-6  # above the floor on these examples
+    plain.settle_bias(logits, floor=0.04)
+    assert plain.expert_bias.abs().max() == 0  # nothing below the floor: nothing moves
+    resampled.settle_bias(logits, floor=0.04, example_ids=examples, resamples=200)
+    # Resampled, the 4 examples are missing or rare in many draws: expert 3 is lifted until it gets tokens of
+    # the other examples too, and only it.
+    assert resampled.expert_bias[3] > 0 and resampled.expert_bias[:3].abs().max() == 0
+    assert _shares(resampled, logits[4 * length :])[3] > 0.02
+    again = _moe()
+    again.set_balance_groups([[0, 1, 2, 3]], with_global=False)
+    again.settle_bias(logits, floor=0.04, example_ids=examples, resamples=200)
+    assert torch.equal(again.expert_bias, resampled.expert_bias)  # fixed resamples: deterministic
+
+
+def test_settle_resamples_need_example_ids_and_a_quantile_in_zero_one(tmp_path):
+    moe = _moe()
+    with pytest.raises(InputValidationError, match="example_ids"):
+        moe.settle_bias(torch.zeros(5, 4), floor=0.04, resamples=10)
+    with pytest.raises(InputValidationError, match="example_ids"):
+        moe.settle_bias(torch.zeros(5, 4), floor=0.04, resamples=10, example_ids=torch.zeros(4))
+    with pytest.raises(InputValidationError, match="quantile"):
+        moe.settle_bias(torch.zeros(5, 4), floor=0.04, quantile=1.0)
+    with pytest.raises(InputValidationError, match="settle_resamples"):
+        train_suite({"finance": tmp_path / "tx.csv"}, tmp_path / "out", SuiteSettings(settle_resamples=-1))
+
+
+def test_settle_served_balance_resamples_the_examples_of_every_task():
+    from core.multitask import settle_served_balance
+
+    suite = _suite("train", dropout=0.1)
+    examples = {"a": _examples(0, 1), "b": _examples(1, 2)}
+    seen = []
+    original = DomainMoE.settle_bias
+
+    def recording(self, logits, ids=None, **kwargs):
+        seen.append((logits.shape[0], ids.clone(), kwargs["example_ids"].clone(), kwargs["resamples"]))
+        return original(self, logits, ids, **kwargs)
+
+    weights = {k: v.clone() for k, v in suite.state_dict().items() if "expert_bias" not in k}
+    DomainMoE.settle_bias = recording
+    try:
+        settle_served_balance(suite, examples, steps=20, floor=0.2, resamples=50, batch_size=10)
+    finally:
+        DomainMoE.settle_bias = original
+    assert len(seen) == 2
+    for tokens, ids, example_ids, resamples in seen:
+        assert resamples == 50 and tokens == 48 * 12 == example_ids.shape[0]
+        # 24 examples of task a (domain 0), then 24 of task b, 12 tokens each, in batches of 10
+        assert torch.equal(example_ids, torch.arange(48).repeat_interleave(12))
+        assert torch.equal(ids, torch.tensor([0, 1]).repeat_interleave(24 * 12))
+    for key, value in suite.state_dict().items():
+        if "expert_bias" not in key:
+            assert torch.equal(value, weights[key]), key

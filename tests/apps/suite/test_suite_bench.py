@@ -58,3 +58,17 @@ def test_suite_settings_carry_the_settling_options(bench):
     assert bench.suite_settings(_args(bench, "--settle-floor", "0")).settle_floor is None
     own = bench.own_settings(_args(bench, "--finish-steps", "8"))
     assert own.finish_steps == 0 and own.max_steps == 160 and own.settle_steps == 300
+
+
+def test_suite_settings_default_to_the_resampled_settle_and_take_per_app_finishing(bench):
+    settings = bench.suite_settings(_args(bench))
+    assert (settings.settle_floor, settings.settle_resamples, settings.finish_steps) == (0.08, 200, 0)
+    medical = bench.suite_settings(_args(bench, "--finish-steps", "medical=32"))
+    # The budget stays --steps per app; train_suite takes the finishing steps out of medical's joint ones.
+    assert medical.max_steps == 160 and medical.finish_steps == {"medical": 32}
+    own = bench.own_settings(_args(bench, "--finish-steps", "medical=32"))
+    assert own.finish_steps == 0 and own.max_steps == 160 and own.settle_resamples == 200
+    with pytest.raises(ValueError, match="--finish-steps"):
+        bench.suite_settings(_args(bench, "--finish-steps", "medical=160"))
+    with pytest.raises(SystemExit):  # argparse: not a count or APP=COUNT
+        _args(bench, "--finish-steps", "medical:32")
