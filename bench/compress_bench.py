@@ -56,8 +56,8 @@ from core.onnx_model import KEEP_FP32_DEFAULT  # noqa: E402
 
 APPS = ("finance", "medical", "education")
 #: Pruning of the pruned variants per domain (`domain_ratios` specs).
-PRUNE_FFN_DEFAULT = ("0.25",)
-PRUNE_HEADS_DEFAULT = ("0.0",)
+PRUNE_FFN_DEFAULT = ("0.25", "education=0.5")
+PRUNE_HEADS_DEFAULT = ("0.0", "education=0.5")
 
 
 def domain_ratios(specs: list[str] | tuple[str, ...], option: str) -> dict[str, float]:

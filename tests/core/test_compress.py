@@ -22,6 +22,7 @@ from core.compress import (
     compress,
     export_onnx,
     fake_quantized,
+    latency_report,
     plan_expert_pruning,
     plan_structured_pruning,
     quantize_int8,
@@ -354,3 +355,21 @@ def test_int8_sensitivity_scans_every_module_group(exported, rng):
     # One group alone: the same error as in the full scan (deterministic), and a part of "all"'s.
     alone = int8_sensitivity(fp32_dir, feed, groups={"classifier": groups["classifier"]})
     assert alone["classifier"] == errors["classifier"] and alone["all"] == errors["classifier"]
+
+
+def test_latency_report_times_the_models_in_alternating_blocks_after_an_untimed_forward() -> None:
+    calls: list[str] = []
+
+    def recorder(name: str):
+        def forward(**inputs):
+            calls.append(name)
+
+        return forward
+
+    examples = make_examples(np.random.default_rng(0), 3)
+    report = latency_report(recorder("p"), recorder("a"), examples, batch_sizes=(2,), repeats=7, block=3)
+    # Blocks of 1 untimed + 3, 3, then 1 timed forward of each model in turn.
+    assert "".join(calls) == "ppppaaaappppaaaappaa"
+    assert set(report) == {"batch_2"} and report["batch_2"]["speedup"] > 0
+    with pytest.raises(ConfigError, match="repeats and block"):
+        latency_report(recorder("p"), recorder("a"), examples, repeats=0)
