@@ -565,7 +565,12 @@ def main() -> None:
         help="Width study: the experts' FFN width (default: the hidden size with --hidden-size, else the preset).",
     )
     # Compression.
-    parser.add_argument("--expert-threshold", type=float, default=0.02)
+    parser.add_argument(
+        "--expert-threshold",
+        type=float,
+        default=0.0,
+        help="Experts with at most this share of the domain's assignments are dropped (0: the ones it never uses).",
+    )
     parser.add_argument(
         "--prune-ffn",
         nargs="+",
