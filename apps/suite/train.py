@@ -411,25 +411,23 @@ def train_suite(
             training["pretrain"] = _run_stage(suite, dataset, args, collator, settings.optimizer_state)
         set_seed(settings.seed)
         task_examples = {n: _tagged(r.plan.task_examples, domain_ids[n]) for n, r in runs.items()}
-        dataset = RoundRobinDataset(
-            task_examples,
-            batch_sizes,
-            seed=settings.seed,
-            interleave=settings.interleave,
-            transforms=transforms,
-        )
-        task_common = dict(common)
-        finishing = finish_plan(settings, names)
-        if any(finishing.values()):
-            schedule = finish_schedule(settings, dataset.task_batch_counts(), finishing)
-            dataset = RoundRobinDataset(
+
+        def task_dataset(caps: Mapping[str, int] | None = None) -> RoundRobinDataset:
+            return RoundRobinDataset(
                 task_examples,
                 batch_sizes,
                 seed=settings.seed,
                 interleave=settings.interleave,
                 transforms=transforms,
-                caps={n: schedule[n]["joint"] for n in names},
+                caps=caps,
             )
+
+        dataset = task_dataset()
+        task_common = dict(common)
+        finishing = finish_plan(settings, names)
+        if any(finishing.values()):
+            schedule = finish_schedule(settings, dataset.task_batch_counts(), finishing)
+            dataset = task_dataset(caps={n: schedule[n]["joint"] for n in names})
             task_common["max_steps"] = len(dataset)  # the whole capped schedule, once
             training["schedule"] = {f"{n}_{k}": v for n, plan in schedule.items() for k, v in plan.items()}
         collator = RoundCollator({n: TaskCollator() for n in names})
