@@ -16,6 +16,7 @@ from core.attention import DynamicAttention, select_blocks
 from core.config import CoreConfig
 from core.embeddings import VolumeEmbedder
 from core.onnx_model import _session
+from tests.core.test_onnx_export import ct_examples
 
 
 def block_sparse_config(causal: bool) -> CoreConfig:
@@ -174,15 +175,7 @@ def test_int8_quantises_the_patch_matmul_whose_flattened_kernel_is_folded(tmp_pa
     )
     torch.manual_seed(0)
     model = CoreModel(config).eval()
-    rng = np.random.default_rng(0)
-    examples = [
-        {
-            "numeric": rng.normal(size=(3, 1)).astype(np.float32),
-            "volume": rng.random((2, 8, 16, 16)).astype(np.float32),
-            "volume_present": True,
-        }
-        for _ in range(3)
-    ]
+    examples = ct_examples(3, (2, 8, 16, 16))
     out = tmp_path / "int8"
     meta = export_onnx(model, examples, out, with_explain=False)
     (patch_matmul,) = [n for n, m in meta["node_modules"]["model.onnx"].items() if m == "volume_embedder"]

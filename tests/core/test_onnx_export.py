@@ -202,6 +202,19 @@ def test_sessions_run_with_denormals_flushed_and_leave_the_thread_mode_alone(tmp
     assert flushed[0] == 0.0 and session.run(None, {"x": tiny})[0][0] > 0.0
 
 
+def ct_examples(n: int, volume_shape: tuple[int, ...], seed: int = 0) -> list[dict]:
+    """`n` encoded examples of one numeric field and a CT volume of `volume_shape` (C, D, H, W)."""
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "numeric": rng.normal(size=(3, 1)).astype(np.float32),
+            "volume": rng.random(volume_shape).astype(np.float32),
+            "volume_present": True,
+        }
+        for _ in range(n)
+    ]
+
+
 def test_ct_stem_exports_and_matches_eager(tmp_path):
     """The CT stem's convolutions (`VolumeConv3d`, oneDNN-only in eager) export as plain ONNX Conv."""
     from tests.core.test_train import stem_config
@@ -209,15 +222,7 @@ def test_ct_stem_exports_and_matches_eager(tmp_path):
     config = stem_config(volume_channels=2)
     torch.manual_seed(0)
     model = CoreModel(config).eval()
-    rng = np.random.default_rng(0)
-    examples = [
-        {
-            "numeric": rng.normal(size=(3, 1)).astype(np.float32),
-            "volume": rng.random((2, 4, 8, 8)).astype(np.float32),
-            "volume_present": True,
-        }
-        for _ in range(2)
-    ]
+    examples = ct_examples(2, (2, 4, 8, 8))
     export_onnx(model, examples, tmp_path / "fp32", with_explain=False)
     batch = collate(examples[:1])
     with torch.no_grad():
