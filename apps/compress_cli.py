@@ -297,6 +297,14 @@ def compress_command(
     qat_data: Annotated[
         Optional[str], typer.Option("--qat-data", help="Labelled data for QAT (default: --data).")
     ] = None,
+    qat_objective: Annotated[
+        str,
+        typer.Option(
+            "--qat-objective",
+            help="What QAT trains towards: 'task' (the data's targets), 'distill' (the fp32 parent's "
+            "outputs) or 'task+distill'.",
+        ),
+    ] = "task",
     explanations: Annotated[
         bool,
         typer.Option(help="Also export the explanation graph (attention weights) used by explain/diagnose."),
@@ -327,7 +335,7 @@ def compress_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print compression.json on stdout.")] = False,
 ) -> None:
     """Prune experts / FFN units / heads and quantise to int8 (ONNX Runtime); write compression.json."""
-    from core.compress import CompressionOptions
+    from core.compress import QAT_OBJECTIVES, CompressionOptions
 
     if not 0.0 <= prune_ffn < 1.0:
         raise typer.BadParameter(f"expected a share in [0, 1); got {prune_ffn}", param_hint="--prune-ffn")
@@ -335,6 +343,11 @@ def compress_command(
         raise typer.BadParameter(f"expected a share in [0, 1); got {prune_heads}", param_hint="--prune-heads")
     if qat_steps < 0:
         raise typer.BadParameter(f"expected an integer >= 0; got {qat_steps}", param_hint="--qat-steps")
+    if qat_objective not in QAT_OBJECTIVES:
+        raise typer.BadParameter(
+            f"expected one of {', '.join(QAT_OBJECTIVES)}; got {qat_objective!r}",
+            param_hint="--qat-objective",
+        )
     if not (prune_experts or prune_ffn or prune_heads or int8 or qat_steps):
         raise ConfigError(
             "compress: nothing to do; give --prune-experts, --prune-ffn R, --prune-heads R, --int8 or --qat-steps N"
@@ -350,6 +363,7 @@ def compress_command(
         head_ratio=prune_heads,
         int8=int8,
         qat_steps=qat_steps,
+        qat_objective=qat_objective,
         explanations=explanations,
         latency_repeats=latency_repeats,
     )

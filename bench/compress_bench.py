@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +59,20 @@ APPS = ("finance", "medical", "education")
 #: Pruning of the pruned variants per domain (`domain_ratios` specs).
 PRUNE_FFN_DEFAULT = ("0.25", "education=0.5")
 PRUNE_HEADS_DEFAULT = ("0.0", "education=0.5")
+#: QAT objective per domain: the parent's outputs for finance, whose task gradient rests on a few hundred
+#: frauds (task QAT over three Trainer seeds moved AP by -2.19, -0.76 and +0.30 points; distillation by
+#: -0.17, -0.01 and +0.19); task steps elsewhere (education's heavier pruning: -0.46 with task steps,
+#: -0.65 distilled).
+QAT_OBJECTIVE_DEFAULT = ("task", "finance=distill")
 
 
-def domain_ratios(specs: list[str] | tuple[str, ...], option: str) -> dict[str, float]:
-    """Per-domain pruning shares from specs like ``["0.25", "education=0.5"]``: a bare ratio sets every
-    domain, ``DOMAIN=RATIO`` one domain (later specs win). Raises ValueError naming the option and the
-    spec for an unknown domain or a ratio outside [0, 1)."""
-    ratios = dict.fromkeys(APPS, 0.0)
+def domain_values(
+    specs: list[str] | tuple[str, ...], option: str, read: Callable[[str], Any]
+) -> dict[str, Any]:
+    """Per-domain settings from specs like ``["0.25", "education=0.5"]``: a bare value sets every domain,
+    ``DOMAIN=VALUE`` one domain (later specs win); `read` turns a value into the setting or raises
+    ValueError saying what was expected. Raises ValueError naming the option and the spec."""
+    values: dict[str, Any] = {}
     for spec in specs:
         domain, _, value = spec.rpartition("=")
         if domain and domain not in APPS:
@@ -72,14 +80,38 @@ def domain_ratios(specs: list[str] | tuple[str, ...], option: str) -> dict[str, 
                 f"{option}: unknown domain {domain!r} in {spec!r}; expected one of {', '.join(APPS)}"
             )
         try:
-            ratio = float(value)
-        except ValueError:
-            raise ValueError(f"{option}: {spec!r} is not RATIO or DOMAIN=RATIO with a number") from None
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"{option}: ratio {ratio} in {spec!r} is outside [0, 1)")
+            setting = read(value)
+        except ValueError as error:
+            raise ValueError(f"{option}: {spec!r}: {error}") from None
         for name in [domain] if domain else APPS:
-            ratios[name] = ratio
-    return ratios
+            values[name] = setting
+    missing = [app for app in APPS if app not in values]
+    if missing:
+        raise ValueError(f"{option}: no value for {', '.join(missing)}; give a bare value for every domain")
+    return values
+
+
+def _ratio(value: str) -> float:
+    try:
+        ratio = float(value)
+    except ValueError:
+        raise ValueError("expected RATIO or DOMAIN=RATIO with a number") from None
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio {ratio} is outside [0, 1)")
+    return ratio
+
+
+def _qat_objective(value: str) -> str:
+    from core.compress import QAT_OBJECTIVES
+
+    if value not in QAT_OBJECTIVES:
+        raise ValueError(f"expected one of {', '.join(QAT_OBJECTIVES)}")
+    return value
+
+
+def domain_ratios(specs: list[str] | tuple[str, ...], option: str) -> dict[str, float]:
+    """Per-domain pruning shares (`domain_values` of numbers in [0, 1))."""
+    return domain_values(specs, option, _ratio)
 
 
 VARIANTS = ("int8", "pruned_int8", "pruned_qat_int8")
@@ -188,6 +220,7 @@ def _options(variant: str, domain: str, args: argparse.Namespace) -> Compression
         options.head_ratio = args.prune_heads[domain]
     if variant == "pruned_qat_int8":
         options.qat_steps = args.qat_steps
+        options.qat_objective = args.qat_objective[domain]
     return options
 
 
@@ -419,6 +452,14 @@ def _pruning_text(meta: dict[str, Any]) -> str:
     )
 
 
+def _qat_text(meta: dict[str, Any]) -> str:
+    """ " (objective: finance distill, ...)" of a run that recorded its QAT objectives, else ""."""
+    objectives = meta.get("qat_objective")
+    if not objectives:
+        return ""
+    return " (objective: " + ", ".join(f"{app} {value}" for app, value in objectives.items()) + ")"
+
+
 def _markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
     suite_bytes = next(iter(next(iter(results.values()))["variants"].values()))["suite_bytes"]
     lines = [
@@ -440,7 +481,8 @@ def _markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
         "with the shared trunk once). Each domain's part holds the trunk and that app's embedders and heads; "
         f"`verticals compress --model SUITE --domain D`; pruning: experts with <= {meta['args']['expert_threshold']} "
         f"of the domain's assignments dropped, {_pruning_text(meta)}; QAT "
-        f"{meta['args']['qat_steps']} steps. Metric on each app's held-out test data through its own predictor."
+        f"{meta['args']['qat_steps']} steps{_qat_text(meta)}. Metric on each app's held-out test data through its own "
+        "predictor."
         + (
             " Suite trunk: " + ", ".join(f"{k} {v}" for k, v in meta["trunk"].items()) + "."
             if meta.get("trunk")
@@ -584,6 +626,12 @@ def main() -> None:
         help="Share of the attention heads the pruned variants remove: RATIO and/or DOMAIN=RATIO.",
     )
     parser.add_argument("--qat-steps", type=int, default=30)
+    parser.add_argument(
+        "--qat-objective",
+        nargs="+",
+        default=list(QAT_OBJECTIVE_DEFAULT),
+        help="What QAT fine-tunes towards (core.compress.QAT_OBJECTIVES): VALUE and/or DOMAIN=VALUE.",
+    )
     parser.add_argument("--calibration-size", type=int, default=128)
     parser.add_argument(
         "--keep-sensitive",
@@ -613,6 +661,7 @@ def main() -> None:
     try:
         args.prune_ffn = domain_ratios(args.prune_ffn, "--prune-ffn")
         args.prune_heads = domain_ratios(args.prune_heads, "--prune-heads")
+        args.qat_objective = domain_values(args.qat_objective, "--qat-objective", _qat_objective)
     except ValueError as error:
         parser.error(str(error))
     if args.render_only or args.remeasure_latency:
@@ -647,6 +696,7 @@ def main() -> None:
         "trunk": suite_trunk(suite),
         "keep_fp32": {app: list(getattr(args, f"{app}_keep_fp32")) for app in args.apps},
         "pruning": {app: {"ffn": args.prune_ffn[app], "heads": args.prune_heads[app]} for app in args.apps},
+        "qat_objective": {app: args.qat_objective[app] for app in args.apps},
         "args": {k: str(v) for k, v in vars(args).items()},
     }
     results = {}

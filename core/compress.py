@@ -439,6 +439,47 @@ def fake_quantized(model: nn.Module) -> Iterator[int]:
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
 
 
+#: What QAT fine-tunes towards (`qat_finetune`).
+QAT_OBJECTIVES = ("task", "distill", "task+distill")
+
+# Outputs the distillation matches, when the parent gives them.
+_DISTILLED_OUTPUTS = ("hidden_states", "logits", "next_step_logits", "embeddings")
+
+
+class _Distillation(nn.Module):
+    """QAT towards the fp32 parent: the student's outputs (final hidden states and every head's output) are
+    pulled to the parent's on the same batch, relative mean squared error per output, real tokens only."""
+
+    def __init__(self, student: CoreModel, teacher: CoreModel, with_task: bool = False) -> None:
+        super().__init__()
+        self.student = student
+        self.with_task = with_task
+        self.teacher = teacher.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> _Distillation:
+        super().train(mode)
+        self.teacher.eval()  # the parent as it serves: no dropout
+        return self
+
+    def forward(self, **batch: Any) -> dict[str, torch.Tensor]:
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "token_labels", "next_labels")}
+        with torch.no_grad():
+            target = self.teacher(**inputs)
+        out = self.student(**(batch if self.with_task else inputs))
+        real = inputs.get("attention_mask")
+        loss = out.loss if self.with_task and out.loss is not None else out.hidden_states.new_zeros(())
+        for name in _DISTILLED_OUTPUTS:
+            mine, theirs = getattr(out, name, None), getattr(target, name, None)
+            if mine is None or theirs is None:
+                continue
+            error, scale = (mine - theirs).pow(2), theirs.pow(2)
+            if real is not None and tuple(error.shape[:2]) == tuple(real.shape):  # per-token output
+                keep = real.bool()
+                error, scale = error[keep], scale[keep]
+            loss = loss + error.mean() / scale.mean().clamp_min(1e-8)
+        return {"loss": loss}
+
+
 def qat_finetune(
     model: CoreModel,
     examples: Sequence[Mapping[str, Any]],
@@ -447,23 +488,35 @@ def qat_finetune(
     learning_rate: float = 1e-4,
     batch_size: int = 32,
     seed: int = 0,
+    teacher: CoreModel | None = None,
+    with_task: bool = False,
 ) -> dict[str, float]:
-    """Quantisation-aware fine-tuning: `steps` task steps (transformers.Trainer) under `fake_quantized`.
+    """Quantisation-aware fine-tuning: `steps` steps (transformers.Trainer) under `fake_quantized`.
+
+    With a `teacher` (the fp32 parent: objective "distill") the steps pull the model's outputs to the
+    teacher's on the examples (`_Distillation`), so QAT recovers what quantisation and pruning changed rather
+    than fitting the task again; without one ("task") they are task steps on the examples' targets. The MoE
+    selection biases stay as they are either way (the parent's served balance).
 
     Args:
-        examples: encoded task examples with targets (the app's training or validation data).
+        examples: encoded examples (with task targets for "task"; inputs suffice for "distill").
+        teacher: the fp32 parent to distil from, or None for task steps.
 
     Returns:
         The Trainer's metrics.
 
     Raises:
-        InputValidationError: no examples, or examples without any task target.
+        InputValidationError: no examples, or (task steps) examples without any task target.
     """
     from core.train import ExampleDataset, TaskCollator, default_training_args, run_stage
 
     if steps < 1:
         raise ConfigError(f"qat_steps: expected an integer >= 1, got {steps!r}")
-    if not examples or not any(k in examples[0] for k in ("labels", "token_labels", "next_labels")):
+    if not examples:
+        raise InputValidationError("QAT needs encoded examples")
+    if (teacher is None or with_task) and not any(
+        k in examples[0] for k in ("labels", "token_labels", "next_labels")
+    ):
         raise InputValidationError("QAT needs encoded examples with task targets (labels / next_labels)")
     args = default_training_args(
         work_dir,
@@ -478,9 +531,17 @@ def qat_finetune(
         logging_steps=max(1, steps // 4),
         bf16=False,
     )
+    rates = [(moe, moe.bias_update_rate) for moe in model.moe_layers()]
     model.train()
-    with fake_quantized(model):
-        metrics = run_stage(model, ExampleDataset(examples), args, TaskCollator())
+    try:
+        for moe, _ in rates:
+            moe.bias_update_rate = 0.0
+        with fake_quantized(model):
+            trained = model if teacher is None else _Distillation(model, teacher, with_task)
+            metrics = run_stage(trained, ExampleDataset(examples), args, TaskCollator())
+    finally:
+        for moe, rate in rates:
+            moe.bias_update_rate = rate
     model.eval()
     return metrics
 
@@ -627,6 +688,7 @@ class CompressionOptions:
     int8: bool = False
     qat_steps: int = 0
     qat_learning_rate: float = 1e-4
+    qat_objective: str = "task"
     explanations: bool = True
     keep_fp32: tuple[str, ...] = KEEP_FP32_DEFAULT
     keep_sensitive: float = 0.0
@@ -642,6 +704,10 @@ class CompressionOptions:
             )
         if self.qat_steps < 0:
             raise ConfigError(f"qat_steps: expected an integer >= 0, got {self.qat_steps!r}")
+        if self.qat_objective not in QAT_OBJECTIVES:
+            raise ConfigError(
+                f"qat_objective: expected one of {', '.join(QAT_OBJECTIVES)}, got {self.qat_objective!r}"
+            )
         if self.keep_sensitive < 0:
             raise ConfigError(f"keep_sensitive: expected a relative error >= 0, got {self.keep_sensitive!r}")
         if not 0.0 <= self.expert_threshold < 1.0:
@@ -753,8 +819,17 @@ def compress(
                 qat_work,
                 options.qat_learning_rate,
                 options.batch_size,
+                teacher=parent if "distill" in options.qat_objective else None,
+                with_task=options.qat_objective == "task+distill",
             )
-        steps.append({"step": "qat", "steps": options.qat_steps, "train_loss": qat_metrics.get("train_loss")})
+        steps.append(
+            {
+                "step": "qat",
+                "steps": options.qat_steps,
+                "objective": options.qat_objective,
+                "train_loss": qat_metrics.get("train_loss"),
+            }
+        )
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)

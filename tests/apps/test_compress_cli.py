@@ -145,6 +145,12 @@ def test_compress_rejects_bad_options(compressed, runner, tmp_path):
         ["compress", "--model", parent, "--data", data, "--out", str(tmp_path / "x"), "--prune-ffn", "1.5"],
     )
     assert ratio.exit_code == 2
+    objective = runner.invoke(
+        app,
+        ["compress", "--model", parent, "--data", data, "--out", str(tmp_path / "x"), "--qat-steps", "2",
+         "--qat-objective", "mimic"],
+    )  # fmt: skip
+    assert objective.exit_code == 2 and "--qat-objective" in objective.output
     missing = runner.invoke(
         app, ["compress", "--model", str(tmp_path), "--data", data, "--out", str(tmp_path / "x"), "--int8"]
     )

@@ -7,6 +7,7 @@ the fp32 ONNX graph matches eager PyTorch to 1e-4; int8 logits stay within 0.05 
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -25,6 +26,7 @@ from core.compress import (
     latency_report,
     plan_expert_pruning,
     plan_structured_pruning,
+    qat_finetune,
     quantize_int8,
     routing_usage,
 )
@@ -264,6 +266,33 @@ def test_fake_quantized_trains_and_leaves_plain_modules(rng):
     assert not parametrize.is_parametrized(model.classifier)
     assert not torch.equal(model.classifier.weight, before)
     assert torch.isfinite(model.classifier.weight).all()
+
+
+def _relative_error(student: CoreModel, teacher: CoreModel, batch) -> float:
+    with torch.no_grad():
+        mine, theirs = student(**batch).hidden_states, teacher(**batch).hidden_states
+    return float((mine - theirs).pow(2).mean() / theirs.pow(2).mean())
+
+
+def test_distilled_qat_pulls_a_pruned_model_to_its_parent_and_keeps_the_routing_bias(tmp_path, rng):
+    torch.manual_seed(0)
+    parent = CoreModel(small_config()).eval()
+    examples = make_examples(rng, 64)
+    student = apply_plan(copy.deepcopy(parent), plan_structured_pruning(parent, examples, head_ratio=0.5))
+    with torch.no_grad():
+        for moe in student.moe_layers():
+            moe.expert_bias.uniform_(-0.1, 0.1)
+    biases = [moe.expert_bias.clone() for moe in student.moe_layers()]
+    inputs = [{k: v for k, v in e.items() if k != "token_labels"} for e in examples]  # no targets needed
+    batch = {k: v for k, v in collate(inputs).to_dict().items() if v is not None}
+    before = _relative_error(student.eval(), parent, batch)
+    qat_finetune(student, inputs, 40, tmp_path, learning_rate=3e-4, batch_size=16, teacher=parent)
+    assert _relative_error(student, parent, batch) < 0.7 * before
+    assert all(torch.equal(moe.expert_bias, b) for moe, b in zip(student.moe_layers(), biases, strict=True))
+    with pytest.raises(InputValidationError, match="task targets"):  # task steps still need targets
+        qat_finetune(student, inputs, 1, tmp_path)
+    with pytest.raises(ConfigError, match="qat_objective"):
+        CompressionOptions(int8=True, qat_objective="mimic").validate()
 
 
 @pytest.mark.slow  # ONNX export (shared fixture) or a full compress run
