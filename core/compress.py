@@ -51,6 +51,7 @@ from core.moe import DomainMoE, SwiGLU
 from core.onnx_model import (
     EXPLAIN_ONNX_FILE,
     KEEP_FP32_DEFAULT,
+    LOSS_TARGETS,
     ONNX_FILE,
     ONNX_META_FILE,
     WEIGHT_FILES,
@@ -462,7 +463,7 @@ class _Distillation(nn.Module):
         return self
 
     def forward(self, **batch: Any) -> dict[str, torch.Tensor]:
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "token_labels", "next_labels")}
+        inputs = {k: v for k, v in batch.items() if k not in LOSS_TARGETS}
         with torch.no_grad():
             target = self.teacher(**inputs)
         out = self.student(**(batch if self.with_task else inputs))
@@ -514,9 +515,7 @@ def qat_finetune(
         raise ConfigError(f"qat_steps: expected an integer >= 1, got {steps!r}")
     if not examples:
         raise InputValidationError("QAT needs encoded examples")
-    if (teacher is None or with_task) and not any(
-        k in examples[0] for k in ("labels", "token_labels", "next_labels")
-    ):
+    if (teacher is None or with_task) and not any(k in examples[0] for k in LOSS_TARGETS):
         raise InputValidationError("QAT needs encoded examples with task targets (labels / next_labels)")
     args = default_training_args(
         work_dir,

@@ -86,7 +86,8 @@ def inference_inputs(batch: Batch) -> dict[str, Any]:
     return {k: v for k, v in batch.to_dict().items() if k not in TARGET_KEYS}
 
 
-_TARGETS = ("labels", "token_labels", "next_labels")
+#: The batch keys that only a loss reads (the targets of the task heads).
+LOSS_TARGETS = ("labels", "token_labels", "next_labels")
 _NUMPY_DTYPES = {"bool": np.bool_, "int64": np.int64, "float32": np.float32}
 
 
@@ -1056,7 +1057,7 @@ class OnnxCoreModel:
     def __call__(self, output_attentions: bool = False, **batch: Any) -> CoreOutput:
         """Run the graph on the keyword arguments of `CoreModel.forward` (targets are ignored)."""
         next_item_ids = batch.pop("next_item_ids", None)
-        for name in _TARGETS:
+        for name in LOSS_TARGETS:
             batch.pop(name, None)
         feed = self._feed(batch)
         if output_attentions:
