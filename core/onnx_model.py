@@ -18,7 +18,11 @@ pool, inter-op 1, sequential, ORT_ENABLE_ALL, denormals flushed to zero).
 `core.train.load_checkpoint` returns it for a directory holding `model.onnx`, so the app predictors run
 compressed models unchanged: calling it with a batch's keyword arguments returns a `CoreOutput` with
 `hidden_states`, `logits`, `embeddings` and `next_step_logits` (when `next_item_ids` is given), and
-`model.classifier(hidden)` / `model.next_step(hidden, ids)` run the exported heads. With
+`model.classifier(hidden)` / `model.next_step(hidden, ids)` run the exported heads. When the export sample
+carries `next_item_ids`, the next-step head is folded into the inference graphs (`next_item_ids` an input,
+`next_step_logits` an output, as `CoreModel.forward` computes them), so a knowledge-tracing forward is one
+session run; a call without `next_item_ids` feeds zeros and leaves `next_step_logits` out. Artifacts
+exported without the fold (no `next_item_ids` input) run the head's own graph as before. With
 `output_attentions=True` the explanation graph (`model_explain.onnx`) runs and each layer's
 `AttentionTrace` carries its attention weights; an artifact exported without it raises `ConfigError`.
 """
@@ -93,7 +97,8 @@ _NUMPY_DTYPES = {"bool": np.bool_, "int64": np.int64, "float32": np.float32}
 
 # ---------------------------------------------------------------------- ONNX export
 class _ExportForward(nn.Module):
-    """The inference forward with flat tensor inputs: (hidden_states, [logits], [embeddings], [attentions])."""
+    """The inference forward with flat tensor inputs: (hidden_states, [logits], [embeddings],
+    [next_step_logits], [attentions]); `next_step_logits` when `next_item_ids` is one of the inputs."""
 
     def __init__(self, model: CoreModel, input_names: Sequence[str], with_attentions: bool) -> None:
         super().__init__()
@@ -115,6 +120,8 @@ class _ExportForward(nn.Module):
             outputs.append(out.logits)
         if out.embeddings is not None:
             outputs.append(out.embeddings)
+        if out.next_step_logits is not None:
+            outputs.append(out.next_step_logits)  # (B, T)
         if self.with_attentions:
             outputs.extend(trace.attention_weights for trace in out.attentions)
         return tuple(outputs)
@@ -149,6 +156,17 @@ def flat_inputs(batch: Batch) -> dict[str, torch.Tensor]:
         else:
             flat[name] = value
     return flat
+
+
+def _folds_next_step(model: CoreModel, batch: Batch) -> bool:
+    """Whether the inference graph computes the next-step head: the model has one the graph can express (no
+    retrieval, no next-item features) and the export sample carries `next_item_ids`."""
+    return (
+        model.next_step is not None
+        and batch.next_item_ids is not None
+        and not getattr(model.config, "next_step_retrieval", False)
+        and not getattr(model.config, "next_step_feature_buckets", [])
+    )
 
 
 def _sequence_limit(model: CoreModel, n_volume: int) -> int | None:
@@ -585,6 +603,11 @@ def export_onnx(
     layer attends densely over (`dense_below`); a model whose sequences reach its block-sparse path (e.g. CT
     plus record) is exported at the sample's sequence length, which every input then has to match.
 
+    When the model has a next-step head and the sample carries `next_item_ids`, both inference graphs take
+    `next_item_ids` (B, T) as an input and give `next_step_logits` (B, T) as an output (the head folded in:
+    one session run per knowledge-tracing forward, the head quantised with the rest); `next_step.onnx`
+    is written all the same, for scoring states against other items (`OnnxCoreModel.next_step`).
+
     Args:
         model: the fp32 model (eval mode is set).
         sample: encoded examples (see `core.data`) with the inputs the app sends.
@@ -593,7 +616,8 @@ def export_onnx(
         with_explain: also export the explanation graph.
 
     Returns:
-        The metadata written to `onnx.json` (input names, ranks, dtypes, axes, outputs, head files).
+        The metadata written to `onnx.json` (input names, ranks, dtypes, axes, graph outputs in order,
+        head files).
 
     Raises:
         ConfigError: the next-step head reads the history (`next_step_retrieval`), which the per-token
@@ -611,6 +635,9 @@ def export_onnx(
         moe.track_routing = False
     batch = collate(list(sample[: min(len(sample), 4)]))
     inputs = flat_inputs(batch)
+    fold_next_step = _folds_next_step(model, batch)
+    if fold_next_step:
+        inputs["next_item_ids"] = batch.next_item_ids  # (B, T)
     n_volume = 0
     if batch.volume is not None:
         grid = model.volume_embedder.grid(tuple(batch.volume.shape))
@@ -632,6 +659,8 @@ def export_onnx(
         outputs.append("logits")
     if model.prototype is not None:
         outputs.append("embeddings")
+    if fold_next_step:
+        outputs.append("next_step_logits")
     model.config.save_pretrained(out_dir)
     node_modules: dict[str, dict[str, str]] = {}
     with torch.no_grad():
@@ -1010,6 +1039,8 @@ class OnnxCoreModel:
         config: the (pruned) `CoreConfig`.
         classifier, next_step: the exported heads as callables (None when the model has none).
         prototype: None (the prototype projection is part of the exported graph).
+        folds_next_step: the inference graphs compute `next_step_logits` from a `next_item_ids` input (an
+            artifact exported before the fold runs `next_step` on the hidden states instead).
     """
 
     def __init__(self, model_dir: str | Path, threads: int | None = None) -> None:
@@ -1027,6 +1058,7 @@ class OnnxCoreModel:
             _OnnxHead(self.model_dir / heads["next_step"], threads) if "next_step" in heads else None
         )
         self.prototype = None
+        self.folds_next_step = "next_step_logits" in self.meta["outputs"]
         self.training = False
 
     # ------------------------------------------------------------------ nn.Module look-alikes
@@ -1055,32 +1087,40 @@ class OnnxCoreModel:
 
     # ------------------------------------------------------------------ forward
     def __call__(self, output_attentions: bool = False, **batch: Any) -> CoreOutput:
-        """Run the graph on the keyword arguments of `CoreModel.forward` (targets are ignored)."""
-        next_item_ids = batch.pop("next_item_ids", None)
+        """Run the graph on the keyword arguments of `CoreModel.forward` (targets are ignored).
+
+        With a folded next-step head, `next_item_ids` goes into the graph (zeros when the batch has none)
+        and `next_step_logits` comes from the same run, returned only when `next_item_ids` was given.
+        """
         for name in LOSS_TARGETS:
             batch.pop(name, None)
-        feed = self._feed(batch)
-        if output_attentions:
-            session, names = self._explain(), self.meta["explain_outputs"]
+        if self.folds_next_step:
+            next_item_ids = batch.get("next_item_ids")
         else:
-            session, names = self.session, self.meta["outputs"]
+            next_item_ids = batch.pop("next_item_ids", None)
+        feed = self._feed(batch)
+        names = self.meta["explain_outputs"] if output_attentions else self.meta["outputs"]
+        if next_item_ids is None:
+            names = [name for name in names if name != "next_step_logits"]
+        session = self._explain() if output_attentions else self.session
         with denormals_flushed():
             values = dict(zip(names, session.run(names, feed), strict=True))
         hidden = torch.from_numpy(values["hidden_states"])
         out: dict[str, Any] = {"hidden_states": hidden}
-        for name in ("logits", "embeddings"):
+        for name in ("logits", "embeddings", "next_step_logits"):
             if name in values:
                 out[name] = torch.from_numpy(values[name])
-        if next_item_ids is not None and self.next_step is not None:
+        if next_item_ids is not None and "next_step_logits" not in out and self.next_step is not None:
             field_states = hidden[:, self.meta["volume_tokens"] :]  # (B, T, hidden)
             out["next_step_logits"] = self.next_step(field_states, next_item_ids)
         if output_attentions:
+            layers = sum(name.startswith("attentions.") for name in names)
             out["attentions"] = tuple(
                 AttentionTrace(
                     is_dense=bool(self.meta["dynamic_sequence"]),
                     attention_weights=torch.from_numpy(values[f"attentions.{i}"]),
                 )
-                for i in range(len(names) - len(self.meta["outputs"]))
+                for i in range(layers)
             )
         return CoreOutput(**out)
 
@@ -1146,6 +1186,8 @@ class OnnxCoreModel:
             )
         if name == "volume_present":
             return torch.ones(batch, dtype=torch.bool)
+        if name == "next_item_ids":  # the padding item: the folded head's logits are not returned
+            return torch.zeros(batch, length, dtype=torch.long)
         raise InputValidationError(
             f"{self.model_dir}: input {name!r} missing from the batch; the exported graph needs {sorted(self.meta['inputs'])}"
         )
@@ -1156,6 +1198,11 @@ class OnnxCoreModel:
         if value.dim() != spec["rank"]:
             raise InputValidationError(
                 f"{self.model_dir}: input {name!r} has shape {tuple(value.shape)}; the graph expects rank {spec['rank']}"
+            )
+        if name == "next_item_ids" and tuple(value.shape) != shape:
+            raise InputValidationError(
+                f"{self.model_dir}: next_item_ids has shape {tuple(value.shape)}; expected one id per field "
+                f"token, {shape}"
             )
         static = not self.meta["dynamic_sequence"] and value.dim() >= 2 and name != "volume"
         if static and value.shape[1] != spec["shape"][1]:
@@ -1178,6 +1225,13 @@ class OnnxCoreModel:
                     f"FieldEmbedder: field {name!r} has ids outside [0, {size}); map unseen values to the "
                     "unknown bucket (1) with the saved vocabulary"
                 )
+        items = feed.get("next_item_ids")
+        vocab = self.config.next_step_vocab
+        if items is not None and items.size and (items.max() >= vocab or items.min() < 0):
+            raise InputValidationError(
+                f"next_item_ids: ids outside [0, {vocab}) (next_step_vocab); map unseen items to the "
+                "unknown bucket with the saved vocabulary"
+            )
         numeric = feed.get("numeric")
         if numeric is not None:
             mask = feed.get("numeric_mask")
