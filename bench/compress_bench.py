@@ -35,7 +35,6 @@ the suite on the GPU.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -132,7 +131,7 @@ def suite_model(work: Path, data: dict[str, Any], args: argparse.Namespace) -> P
 
     if args.suite_model:
         return args.suite_model
-    settings = dataclasses.replace(suite_settings(args), trunk=trunk_changes(args))
+    settings = suite_settings(args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         train_suite(data["train"], work / "suite", settings)
@@ -143,18 +142,6 @@ def suite_trunk(suite: Path) -> dict[str, Any]:
     """The widths of the suite's shared trunk (`suite.json`), for the report."""
     trunk = json.loads((suite / "suite.json").read_text()).get("trunk", {})
     return {k: trunk[k] for k in ("hidden_size", "ffn_size", "num_heads", "num_layers") if k in trunk}
-
-
-def trunk_changes(args: argparse.Namespace) -> dict[str, int]:
-    """Changes to the suite trunk (`apps.suite.config.TRUNK`) for a width study: `--hidden-size` (and
-    `--ffn-size`, by default the hidden size, as in the preset); none by default."""
-    changes = {}
-    if args.hidden_size is not None:
-        changes["hidden_size"] = args.hidden_size
-        changes["ffn_size"] = args.ffn_size or args.hidden_size
-    elif args.ffn_size is not None:
-        changes["ffn_size"] = args.ffn_size
-    return changes
 
 
 def _finance_paths(parent: Path, artifact: Path, test: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -232,7 +219,8 @@ def _profile(part: Path, artifact: Path, examples: list, batch_size: int) -> dic
 
     model = OnnxCoreModel(artifact, threads=1)
     inputs = inference_inputs(collate(_repeat_to(examples, batch_size)))
-    inputs.pop("next_item_ids", None)
+    if "next_item_ids" not in model.meta["inputs"]:  # the next-step head is not folded into the graph
+        inputs.pop("next_item_ids", None)
     return profile_ops(artifact, model._feed(inputs))
 
 
@@ -594,18 +582,6 @@ def main() -> None:
 
     add_suite_arguments(parser)
     parser.add_argument("--device", default="cpu", help="Suite training device (ONNX runs on the CPU).")
-    parser.add_argument(
-        "--hidden-size",
-        type=int,
-        default=None,
-        help="Width study: the suite trunk's hidden size (default: the suite preset, apps/suite/config.py).",
-    )
-    parser.add_argument(
-        "--ffn-size",
-        type=int,
-        default=None,
-        help="Width study: the experts' FFN width (default: the hidden size with --hidden-size, else the preset).",
-    )
     # Compression.
     parser.add_argument(
         "--expert-threshold",
@@ -677,6 +653,8 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     import os
+
+    from suite_bench import trunk_changes
 
     from core.compress import cpu_flags
 

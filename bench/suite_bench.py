@@ -213,7 +213,20 @@ def suite_settings(args: argparse.Namespace) -> SuiteSettings:
         interleave=args.step_mode == "interleaved",
         medical_preset=args.medical_preset,
         device=args.device,
+        trunk=trunk_changes(args),
     )
+
+
+def trunk_changes(args: argparse.Namespace) -> dict[str, int]:
+    """Changes to the suite trunk (`apps.suite.config.TRUNK`) for a width study: `--hidden-size` (and
+    `--ffn-size`, by default the hidden size, as in the preset); none by default."""
+    changes = {}
+    if args.hidden_size is not None:
+        changes["hidden_size"] = args.hidden_size
+        changes["ffn_size"] = args.ffn_size or args.hidden_size
+    elif args.ffn_size is not None:
+        changes["ffn_size"] = args.ffn_size
+    return changes
 
 
 def own_settings(args: argparse.Namespace) -> SuiteSettings:
@@ -293,6 +306,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "settle_resamples": args.settle_resamples,
             "optimizer_state": args.optimizer_state,
             "learning_rate": args.learning_rate,
+            "trunk_changes": trunk_changes(args),
             "seed": args.seed,
             "medical_preset": args.medical_preset,
             "ct_shape": args.ct_shape,
@@ -483,7 +497,14 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Generator data ({result['data']}); lr {s['learning_rate']}, seed {s['seed']}, medical preset "
         f"`{s['medical_preset']}` (CT {s['ct_shape']}), device {s['device']}, {s['threads']} thread(s). "
-        f"Total {result['total_seconds']:.0f} s.",
+        f"Total {result['total_seconds']:.0f} s."
+        + (
+            " Width study: shared trunk changed to "
+            + ", ".join(f"{k} {v}" for k, v in s["trunk_changes"].items())
+            + " (apps/suite/config.py), for the suite and the own models alike."
+            if s.get("trunk_changes")
+            else ""
+        ),
         "",
         "Training budget per app, the same in the suite and in its own model: "
         f"{s['pretrain_steps']} masked-field batches, then {s['steps']} task batches of its own data, each "
@@ -591,6 +612,18 @@ def _finish_steps_argument(text: str) -> int | dict[str, int]:
 def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
     """The suite's training settings and generated data sizes (shared with bench/compress_bench.py)."""
     parser.add_argument("--steps", type=int, default=160, help="task steps per app and run")
+    parser.add_argument(
+        "--hidden-size",
+        type=int,
+        default=None,
+        help="Width study: the shared trunk's hidden size (default: the suite preset, apps/suite/config.py).",
+    )
+    parser.add_argument(
+        "--ffn-size",
+        type=int,
+        default=None,
+        help="Width study: the experts' FFN width (default: the hidden size with --hidden-size, else the preset).",
+    )
     parser.add_argument(
         "--pretrain-steps", type=int, default=24, help="suite masked-field steps per run (0: skip)"
     )

@@ -72,3 +72,12 @@ def test_suite_settings_default_to_the_resampled_settle_and_take_per_app_finishi
         bench.suite_settings(_args(bench, "--finish-steps", "medical=160"))
     with pytest.raises(SystemExit):  # argparse: not a count or APP=COUNT
         _args(bench, "--finish-steps", "medical:32")
+
+
+def test_width_study_changes_the_trunk_of_the_suite_and_the_own_models_alike(bench):
+    assert bench.suite_settings(_args(bench)).trunk == {}
+    wide = _args(bench, "--hidden-size", "128")
+    assert bench.suite_settings(wide).trunk == {"hidden_size": 128, "ffn_size": 128}
+    assert bench.own_settings(wide).trunk == {"hidden_size": 128, "ffn_size": 128}
+    narrow_ffn = _args(bench, "--hidden-size", "96", "--ffn-size", "48")
+    assert bench.own_settings(narrow_ffn).trunk == {"hidden_size": 96, "ffn_size": 48}
