@@ -255,6 +255,10 @@ def _einsum_as_matmul(graph: Any) -> int:
         lead = len(match.group(1))  # the batch-like leading axes of x: (*lead, F, I)
         fields, width_in, width_out = (int(d) for d in weight.dims)
         name, x, out = node.name or f"einsum_{rewritten}", node.input[0], node.output[0]
+        if fields == 1:  # one field: no axis to move, (*lead, 1, I) -> (N, I) @ (1, I, O) -> (*lead, 1, O)
+            nodes += _single_field_matmul(graph, name, x, node.input[1], out, lead, width_in, width_out)
+            rewritten += 1
+            continue
         constants = {
             f"{name}_shape_in": np.array([fields, -1, width_in], dtype=np.int64),
             f"{name}_fo": np.array([fields, width_out], dtype=np.int64),
@@ -305,6 +309,28 @@ def _einsum_as_matmul(graph: Any) -> int:
         del graph.node[:]
         graph.node.extend(nodes)
     return rewritten
+
+
+def _single_field_matmul(
+    graph: Any, name: str, x: str, weight: str, out: str, lead: int, width_in: int, width_out: int
+) -> list[Any]:
+    """`_einsum_as_matmul` for one field: reshapes around one MatMul, no transposes (a Transpose that moves
+    a length-1 axis still copies the tensor: 0.18 ms of the education part's 12.5 ms at batch 64)."""
+    from onnx import helper, numpy_helper
+
+    graph.initializer.append(
+        numpy_helper.from_array(np.array([-1, width_in], dtype=np.int64), f"{name}_rows_shape")
+    )
+    graph.initializer.append(numpy_helper.from_array(np.array([width_out], dtype=np.int64), f"{name}_o"))
+    return [
+        helper.make_node("Reshape", [x, f"{name}_rows_shape"], [f"{name}_rows"], name=f"{name}_r_in"),
+        helper.make_node("MatMul", [f"{name}_rows", weight], [f"{name}_mm"], name=f"{name}_matmul"),
+        helper.make_node("Shape", [x], [f"{name}_lead"], start=0, end=lead + 1, name=f"{name}_shape"),
+        helper.make_node(
+            "Concat", [f"{name}_lead", f"{name}_o"], [f"{name}_shape_out"], axis=0, name=f"{name}_concat"
+        ),  # (*lead, 1, O)
+        helper.make_node("Reshape", [f"{name}_mm", f"{name}_shape_out"], [out], name=f"{name}_r_out"),
+    ]
 
 
 def _scatter_add_chains(graph: Any) -> list[list[Any]]:

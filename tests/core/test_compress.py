@@ -402,3 +402,29 @@ def test_latency_report_times_the_models_in_alternating_blocks_after_an_untimed_
     assert set(report) == {"batch_2"} and report["batch_2"]["speedup"] > 0
     with pytest.raises(ConfigError, match="repeats and block"):
         latency_report(recorder("p"), recorder("a"), examples, repeats=0)
+
+
+@pytest.mark.parametrize("fields", [1, 3])
+def test_per_field_einsum_rewrite_matches_einsum_and_moves_no_axis_for_one_field(fields):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from core.onnx_model import _einsum_as_matmul
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((fields, 4, 5)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Einsum", ["x", "w"], ["y"], equation="btfi,fio->btfo", name="einsum")],
+        "per_field",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", fields, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    assert _einsum_as_matmul(graph) == 1
+    ops = [node.op_type for node in graph.node]
+    assert "Einsum" not in ops and ("Transpose" in ops) == (fields > 1)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((2, 3, fields, 4)).astype(np.float32)
+    (y,) = session.run(None, {"x": x})
+    np.testing.assert_allclose(y, np.einsum("btfi,fio->btfo", x, weight), rtol=1e-5, atol=1e-5)
