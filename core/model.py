@@ -9,7 +9,7 @@ heads the batch has targets for. Every loss, including the router balancing loss
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -212,6 +212,20 @@ class CoreModel(PreTrainedModel):
         self.post_init()
 
     # ------------------------------------------------------------------ weights
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        """`PreTrainedModel.from_pretrained`, with each MoE layer's unsaved balance loads cleared.
+
+        The loads are non-persistent buffers: transformers allocates them for the loaded model without
+        initialising them (`DomainMoE.reset_balance_load`).
+        """
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True: (model, info)
+        with torch.no_grad():
+            for moe in model.moe_layers():
+                moe.reset_balance_load()
+        return loaded
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range

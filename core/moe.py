@@ -894,6 +894,17 @@ class DomainMoE(nn.Module):
         self.balance_groups = groups
         self.balance_global = with_global or groups is None
 
+    def reset_balance_load(self) -> None:
+        """Clear the loads the next aux-free update reads (`expert_load`, `domain_load`, the call count).
+
+        They are not saved with a checkpoint (`persistent=False`); a model loaded with `from_pretrained` gets
+        them allocated, not zeroed, so `CoreModel.from_pretrained` clears them (garbage loads once moved
+        every selection bias of a loaded model by a random step at its first update).
+        """
+        self.expert_load.zero_()
+        self.domain_load.zero_()
+        self._balance_calls = 0
+
     def reset_routing_stats(self) -> None:
         """Clear the per-domain routing statistics (`domain_expert_counts`, `domain_expert_mass`)."""
         self.domain_expert_counts.zero_()

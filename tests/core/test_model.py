@@ -271,3 +271,21 @@ def test_volume_conv_matches_conv3d_outputs_and_gradients_for_a_single_volume() 
     torch.testing.assert_close(got_grad, expected_grad, atol=1e-4, rtol=1e-4)
     fast(volume).sum().backward()
     assert fast.weight.grad is not None and fast.weight.grad.abs().sum() > 0
+
+
+def test_a_loaded_model_starts_with_zero_balance_loads(tmp_path) -> None:
+    config = model_config()
+    assert config.use_moe
+    CoreModel(config).save_pretrained(tmp_path)
+    # Leave freed memory full of non-zero bytes where the loaded model's unsaved buffers may be allocated:
+    # transformers allocates non-persistent buffers without initialising them.
+    litter = [torch.full((n,), 7_000_003, dtype=torch.long) for n in range(1, 257) for _ in range(8)]
+    del litter
+    for loaded in (CoreModel.from_pretrained(tmp_path), AutoModel.from_pretrained(tmp_path)):
+        for moe in loaded.moe_layers():
+            assert int(moe.expert_load.abs().sum()) == 0 and int(moe.domain_load.abs().sum()) == 0
+            before = moe.expert_bias.clone()
+            moe.update_balance()  # no tokens routed since loading: no bias moves
+            assert torch.equal(moe.expert_bias, before)
+    model, info = CoreModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert isinstance(info, dict) and all(int(m.expert_load.abs().sum()) == 0 for m in model.moe_layers())
