@@ -530,7 +530,10 @@ def qat_finetune(
         logging_steps=max(1, steps // 4),
         bf16=False,
     )
-    rates = [(moe, moe.bias_update_rate) for moe in model.moe_layers()]
+    # The Trainer's MoEBalanceCallback updates every DomainMoE it finds in the trained module, the teacher's
+    # included: hold them all (a teacher whose biases moved after each step gave another target each run).
+    held = [*model.moe_layers(), *(teacher.moe_layers() if teacher is not None else [])]
+    rates = [(moe, moe.bias_update_rate) for moe in held]
     model.train()
     try:
         for moe, _ in rates:

@@ -283,12 +283,17 @@ def test_distilled_qat_pulls_a_pruned_model_to_its_parent_and_keeps_the_routing_
         for moe in student.moe_layers():
             moe.expert_bias.uniform_(-0.1, 0.1)
     biases = [moe.expert_bias.clone() for moe in student.moe_layers()]
+    parent_biases = [moe.expert_bias.clone() for moe in parent.moe_layers()]
     inputs = [{k: v for k, v in e.items() if k != "token_labels"} for e in examples]  # no targets needed
     batch = {k: v for k, v in collate(inputs).to_dict().items() if v is not None}
     before = _relative_error(student.eval(), parent, batch)
     qat_finetune(student, inputs, 40, tmp_path, learning_rate=3e-4, batch_size=16, teacher=parent)
     assert _relative_error(student, parent, batch) < 0.7 * before
     assert all(torch.equal(moe.expert_bias, b) for moe, b in zip(student.moe_layers(), biases, strict=True))
+    # The teacher is held too: the Trainer's balancing callback reaches every MoE layer of the trained module.
+    assert all(
+        torch.equal(moe.expert_bias, b) for moe, b in zip(parent.moe_layers(), parent_biases, strict=True)
+    )
     with pytest.raises(InputValidationError, match="task targets"):  # task steps still need targets
         qat_finetune(student, inputs, 1, tmp_path)
     with pytest.raises(ConfigError, match="qat_objective"):
