@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
+from suite_bench import width_study_note  # noqa: E402
 
 from apps.compress_cli import run_compression  # noqa: E402
 from core.compress import CompressionOptions  # noqa: E402
@@ -476,13 +477,7 @@ def _markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
             if meta.get("trunk")
             else ""
         )
-        + (
-            " Width study: suite trunk changed to "
-            + ", ".join(f"{k} {v}" for k, v in meta["trunk_changes"].items())
-            + " (the suite preset is apps/suite/config.py's)."
-            if meta.get("trunk_changes")
-            else ""
-        ),
+        + width_study_note(meta.get("trunk_changes"), "(the suite preset is apps/suite/config.py's)"),
         "",
         "Targets: size <= 18% of the suite's safetensors; latency >= 3x lower at batch 1 and 64; metric drop "
         "<= 1 point (PTQ) / <= 0.5 (QAT).",

@@ -229,6 +229,17 @@ def trunk_changes(args: argparse.Namespace) -> dict[str, int]:
     return changes
 
 
+def width_study_note(changes: dict[str, int] | None, context: str) -> str:
+    """The report's sentence on a width study (`trunk_changes`): empty without one."""
+    if not changes:
+        return ""
+    return (
+        " Width study: shared trunk changed to "
+        + ", ".join(f"{k} {v}" for k, v in changes.items())
+        + f" {context}."
+    )
+
+
 def own_settings(args: argparse.Namespace) -> SuiteSettings:
     """An app's own model: `--steps` task steps of all its parameters (no finishing), otherwise the suite's."""
     return dataclasses.replace(suite_settings(args), max_steps=args.steps, finish_steps=0)
@@ -498,12 +509,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Generator data ({result['data']}); lr {s['learning_rate']}, seed {s['seed']}, medical preset "
         f"`{s['medical_preset']}` (CT {s['ct_shape']}), device {s['device']}, {s['threads']} thread(s). "
         f"Total {result['total_seconds']:.0f} s."
-        + (
-            " Width study: shared trunk changed to "
-            + ", ".join(f"{k} {v}" for k, v in s["trunk_changes"].items())
-            + " (apps/suite/config.py), for the suite and the own models alike."
-            if s.get("trunk_changes")
-            else ""
+        + width_study_note(
+            s.get("trunk_changes"), "(apps/suite/config.py), for the suite and the own models alike"
         ),
         "",
         "Training budget per app, the same in the suite and in its own model: "

@@ -81,3 +81,6 @@ def test_width_study_changes_the_trunk_of_the_suite_and_the_own_models_alike(ben
     assert bench.own_settings(wide).trunk == {"hidden_size": 128, "ffn_size": 128}
     narrow_ffn = _args(bench, "--hidden-size", "96", "--ffn-size", "48")
     assert bench.own_settings(narrow_ffn).trunk == {"hidden_size": 96, "ffn_size": 48}
+    assert bench.width_study_note({}, "(here)") == ""
+    note = bench.width_study_note({"hidden_size": 128, "ffn_size": 128}, "(here)")
+    assert note == " Width study: shared trunk changed to hidden_size 128, ffn_size 128 (here)."
