@@ -27,6 +27,7 @@ from core.onnx_model import (
     export_onnx,
     quantize_int8,
 )
+from tests.core.test_compress import small_config
 
 ITEMS = 9  # next_step_vocab: 0 padding, 1..8 items
 
@@ -36,21 +37,11 @@ pytestmark = pytest.mark.slow
 
 def kt_config() -> CoreConfig:
     """A tiny knowledge-tracing model as the education app builds it: causal, next-step head, no classifier."""
-    return CoreConfig(
-        hidden_size=32,
+    return small_config(
         num_layers=1,
-        num_heads=4,
-        ffn_size=16,
-        block_size=4,
-        dense_below=64,
-        n_routed_experts=4,
-        n_shared_experts=1,
-        moe_top_k=2,
-        domains=("a", "b"),
         categorical_fields={"item": ITEMS, "response": 4},
-        use_time_delta=True,
+        numeric_fields=[],
         num_labels=0,
-        causal=True,
         next_step_vocab=ITEMS,
     )
 
