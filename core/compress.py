@@ -531,7 +531,8 @@ def qat_finetune(
         bf16=False,
     )
     # The Trainer's MoEBalanceCallback updates every DomainMoE it finds in the trained module, the teacher's
-    # included: hold them all (a teacher whose biases moved after each step gave another target each run).
+    # included: hold them all (the teacher is the parent as served; its biases once moved at the first step,
+    # from the uninitialised loads of a loaded model, and QAT distilled towards another target each run).
     held = [*model.moe_layers(), *(teacher.moe_layers() if teacher is not None else [])]
     rates = [(moe, moe.bias_update_rate) for moe in held]
     model.train()
