@@ -218,11 +218,8 @@ def _profile(part: Path, artifact: Path, examples: list, batch_size: int) -> dic
     from core.data import collate
     from core.onnx_model import OnnxCoreModel, inference_inputs, profile_ops
 
-    model = OnnxCoreModel(artifact, threads=1)
     inputs = inference_inputs(collate(_repeat_to(examples, batch_size)))
-    if "next_item_ids" not in model.meta["inputs"]:  # the next-step head is not folded into the graph
-        inputs.pop("next_item_ids", None)
-    return profile_ops(artifact, model._feed(inputs))
+    return profile_ops(artifact, OnnxCoreModel(artifact, threads=1).graph_feed(inputs))
 
 
 def _eager_profile(part: Path, examples: list, batch_size: int, runs: int = 3) -> dict[str, Any]:

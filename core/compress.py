@@ -897,10 +897,7 @@ def _sensitivity(
     from core.onnx_model import OnnxCoreModel, int8_sensitivity
 
     inputs = inference_inputs(collate(list(calibration[:batch_size])))
-    model = OnnxCoreModel(out_dir, threads=1)
-    if "next_item_ids" not in model.meta["inputs"]:  # the next-step head is not folded into the graph
-        inputs.pop("next_item_ids", None)
-    return int8_sensitivity(out_dir, model._feed(inputs))
+    return int8_sensitivity(out_dir, OnnxCoreModel(out_dir, threads=1).graph_feed(inputs))
 
 
 def _count(model: nn.Module) -> int:

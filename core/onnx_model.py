@@ -920,7 +920,7 @@ def profile_ops(model_dir: str | Path, feed: Mapping[str, np.ndarray], runs: int
 
     Args:
         model_dir: an exported (or int8) directory.
-        feed: graph inputs (`OnnxCoreModel._feed` builds them from a batch).
+        feed: graph inputs (`OnnxCoreModel.graph_feed` builds them from a batch).
         runs: profiled runs after one warm-up (times are per run).
 
     Returns:
@@ -1118,13 +1118,8 @@ class OnnxCoreModel:
         With a folded next-step head, `next_item_ids` goes into the graph (zeros when the batch has none)
         and `next_step_logits` comes from the same run, returned only when `next_item_ids` was given.
         """
-        for name in LOSS_TARGETS:
-            batch.pop(name, None)
-        if self.folds_next_step:
-            next_item_ids = batch.get("next_item_ids")
-        else:
-            next_item_ids = batch.pop("next_item_ids", None)
-        feed = self._feed(batch)
+        next_item_ids = batch.get("next_item_ids")
+        feed = self.graph_feed(batch)
         names = self.meta["explain_outputs"] if output_attentions else self.meta["outputs"]
         if next_item_ids is None:
             names = [name for name in names if name != "next_step_logits"]
@@ -1162,6 +1157,17 @@ class OnnxCoreModel:
                 )
             self._explain_session = _session(self.model_dir / name, self.threads)
         return self._explain_session
+
+    def graph_feed(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """The inference graph's inputs (numpy) from `CoreModel.forward`'s keyword arguments: targets left
+        out, and `next_item_ids` too unless the graph folds the next-step head; inputs the batch leaves out
+        get their defaults.
+
+        Raises:
+            InputValidationError: an input the graph does not take, or one of the wrong shape or range.
+        """
+        skipped = {*LOSS_TARGETS, *(() if self.folds_next_step else ("next_item_ids",))}
+        return self._feed({name: value for name, value in batch.items() if name not in skipped})
 
     def _feed(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         flat: dict[str, torch.Tensor] = {}
