@@ -24,7 +24,10 @@ Usage:
     .venv/bin/python bench/suite_bench.py                  # CPU, 1 thread (a few minutes)
     .venv/bin/python bench/suite_bench.py --device cuda --threads 8
     .venv/bin/python bench/suite_bench.py --quick          # smoke test
-Writes bench/results/suite_bench.json and .md.
+    # parity over several seed sets of the same settings (the per-seed deltas pooled)
+    .venv/bin/python bench/suite_bench.py --pool bench/results/suite_bench.json \
+        bench/results/suite_bench_seeds100.json bench/results/suite_bench_seeds200.json
+Writes bench/results/suite_bench.json and .md (with --pool: suite_bench_pooled.json and .md).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from apps.suite.config import trunk_overrides  # noqa: E402
 from apps.suite.routing import routing_report  # noqa: E402
 from apps.suite.train import (  # noqa: E402
     HEADLINE_METRICS,
@@ -240,6 +244,28 @@ def width_study_note(changes: dict[str, int] | None, context: str) -> str:
     )
 
 
+TRUNK_WIDTHS = ("hidden_size", "ffn_size", "num_heads", "num_layers")
+
+
+def trunk_widths(changes: dict[str, int] | None) -> dict[str, int]:
+    """The shared trunk's widths with `changes` (`trunk_changes`) applied to the current preset."""
+    trunk = trunk_overrides(**(changes or {}))
+    return {k: trunk[k] for k in TRUNK_WIDTHS}
+
+
+def mean_interval(deltas: list[float]) -> tuple[float | None, list[float] | None]:
+    """The mean of paired deltas and its 95% t-interval (None without deltas, no interval with one)."""
+    from scipy import stats
+
+    if not deltas:
+        return None, None
+    mean = float(np.mean(deltas))
+    if len(deltas) < 2:
+        return mean, None
+    half = float(stats.t.ppf(0.975, len(deltas) - 1) * np.std(deltas, ddof=1) / np.sqrt(len(deltas)))
+    return mean, [mean - half, mean + half]
+
+
 def own_settings(args: argparse.Namespace) -> SuiteSettings:
     """An app's own model: `--steps` task steps of all its parameters (no finishing), otherwise the suite's."""
     return dataclasses.replace(suite_settings(args), max_steps=args.steps, finish_steps=0)
@@ -318,6 +344,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "optimizer_state": args.optimizer_state,
             "learning_rate": args.learning_rate,
             "trunk_changes": trunk_changes(args),
+            "trunk": trunk_widths(trunk_changes(args)),
             "seed": args.seed,
             "medical_preset": args.medical_preset,
             "ct_shape": args.ct_shape,
@@ -363,8 +390,6 @@ def run_seeds(args: argparse.Namespace) -> dict[str, Any]:
     is the mean paired delta over seeds with a 95% t-interval. The routing figures are the first seed's,
     with the on-group share and low-use count taken as the worst over seeds.
     """
-    from scipy import stats
-
     work_root = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="suite-bench-"))
     per_seed = []
     for offset in range(args.seeds):
@@ -384,19 +409,14 @@ def run_seeds(args: argparse.Namespace) -> dict[str, Any]:
     seeds = {}
     for app in results[0]["comparison"]:
         deltas = [r["comparison"][app]["delta"] for r in results if r["comparison"][app]["delta"] is not None]
-        mean = float(np.mean(deltas)) if deltas else None
-        half = (
-            float(stats.t.ppf(0.975, len(deltas) - 1) * np.std(deltas, ddof=1) / np.sqrt(len(deltas)))
-            if len(deltas) > 1
-            else None
-        )
+        mean, interval = mean_interval(deltas)
         seeds[app] = {
             "metric": TEST_METRICS[app],
             "suite": [r["comparison"][app]["suite"] for r in results],
             "own": [r["comparison"][app]["own"] for r in results],
             "deltas": deltas,
             "delta_mean": mean,
-            "delta_ci95": None if half is None else [mean - half, mean + half],
+            "delta_ci95": interval,
             "within_tolerance": mean is not None and mean >= -METRIC_TOLERANCE,
         }
     result["seeds"] = {
@@ -424,6 +444,136 @@ def run_seeds(args: argparse.Namespace) -> dict[str, Any]:
     result["figures"] = figures
     result["total_seconds"] = round(sum(r["total_seconds"] for r in results), 1)
     return result
+
+
+#: Settings that may differ between the seed sets `pool` combines: where and how fast they ran, and the
+#: trunk as given (compared as the widths it resolves to).
+POOL_FREE_SETTINGS = ("seed", "device", "threads", "trunk_changes", "trunk")
+
+
+def _pool_key(settings: dict[str, Any]) -> dict[str, Any]:
+    key = {k: v for k, v in settings.items() if k not in POOL_FREE_SETTINGS}
+    # A run that predates the recorded widths resolves its changes against the current preset.
+    key["trunk"] = settings.get("trunk") or trunk_widths(settings.get("trunk_changes"))
+    return key
+
+
+def pool(paths: list[Path]) -> dict[str, Any]:
+    """Parity and routing over several `--seeds` runs of the same settings: the per-seed deltas of every
+    file pooled into one mean with its 95% t-interval, and the routing figures taken over every seed.
+
+    Raises:
+        InputValidationError: a file that is missing, not a multi-seed result, run with other settings
+            than the first (the differing keys are named), or repeating a seed of an earlier file.
+    """
+    loaded = []
+    for path in paths:
+        try:
+            result = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise InputValidationError(f"{path}: not a readable suite benchmark result ({error})") from None
+        if "seeds" not in result or "settings" not in result:
+            raise InputValidationError(
+                f"{path}: not a multi-seed suite benchmark result (run with --seeds N)"
+            )
+        loaded.append((Path(path), result))
+    first_path, first = loaded[0]
+    reference = _pool_key(first["settings"])
+    seen: dict[int, Path] = {}
+    for path, result in loaded:
+        key = _pool_key(result["settings"])
+        differing = sorted(k for k in set(reference) | set(key) if reference.get(k) != key.get(k))
+        if differing:
+            raise InputValidationError(
+                f"{path}: settings differ from {first_path}'s in "
+                + ", ".join(f"{k} ({key.get(k)!r} vs {reference.get(k)!r})" for k in differing)
+                + "; only runs of the same settings pool"
+            )
+        for seed in result["seeds"]["seeds"]:
+            if seed in seen:
+                raise InputValidationError(f"{path}: seed {seed} is already in {seen[seed]}")
+            seen[seed] = path
+    apps: dict[str, Any] = {}
+    for app in first["seeds"]["apps"]:
+        per_file = [r["seeds"]["apps"].get(app, {}).get("deltas", []) for _, r in loaded]
+        deltas = [d for file_deltas in per_file for d in file_deltas]
+        mean, interval = mean_interval(deltas)
+        apps[app] = {
+            "metric": TEST_METRICS[app],
+            "deltas": deltas,
+            "delta_mean": mean,
+            "delta_ci95": interval,
+            "file_means": [mean_interval(d)[0] for d in per_file],
+            "within_tolerance": mean is not None and mean >= -METRIC_TOLERANCE,
+        }
+    routing = [x for _, r in loaded for x in r["seeds"]["routing"]]
+    seeds = [seed for _, r in loaded for seed in r["seeds"]["seeds"]]
+    below = [seed for seed, x in zip(seeds, routing, strict=True) if x["on_group_min"] < ON_GROUP_TARGET]
+    low = [seed for seed, x in zip(seeds, routing, strict=True) if x["low_use_count"] > 0]
+    return {
+        "files": [str(path) for path, _ in loaded],
+        "trunk_resolved": [str(path) for path, r in loaded if not r["settings"].get("trunk")],
+        "settings": reference,
+        "seeds": seeds,
+        "apps": apps,
+        "routing": {
+            "on_group_min": min(x["on_group_min"] for x in routing),
+            "seeds_below_on_group_target": below,
+            "low_use_experts": sum(x["low_use_count"] for x in routing),
+            "seeds_with_low_use": low,
+        },
+        "figures": {
+            "on_group_target_met": not below,
+            "no_low_use_met": not low,
+            "metrics_within_1_point_met": all(c["within_tolerance"] for c in apps.values()),
+        },
+    }
+
+
+def pooled_markdown(pooled: dict[str, Any]) -> str:
+    """The report of `pool`."""
+    s, r, f = pooled["settings"], pooled["routing"], pooled["figures"]
+    trunk = ", ".join(f"{k} {v}" for k, v in s["trunk"].items())
+    lines = [
+        "# Suite benchmark, seed sets pooled",
+        "",
+        f"{len(pooled['seeds'])} seeds from {len(pooled['files'])} runs of the same settings ("
+        + ", ".join(f"`{Path(x).name}`" for x in pooled["files"])
+        + f"): {s['steps']} task steps, lr {s['learning_rate']}, trunk {trunk}"
+        + (
+            " (" + ", ".join(f"`{Path(x).name}`" for x in pooled["trunk_resolved"]) + " predate the recorded "
+            "widths: their trunk changes are resolved against the current preset, apps/suite/config.py)"
+            if pooled["trunk_resolved"]
+            else ""
+        )
+        + ".",
+        "",
+        "| app | metric | mean delta per run | pooled mean delta [95% t-interval] | seeds | within 1 point |",
+        "|---|---|---|---|---|---|",
+    ]
+    for app, c in pooled["apps"].items():
+        runs = ", ".join("n/a" if m is None else f"{m:+.4f}" for m in c["file_means"])
+        ci = "" if c["delta_ci95"] is None else f" [{c['delta_ci95'][0]:+.4f}, {c['delta_ci95'][1]:+.4f}]"
+        mean = "n/a" if c["delta_mean"] is None else f"{c['delta_mean']:+.4f}{ci}"
+        lines.append(
+            f"| {app} | {c['metric']} | {runs} | {mean} | {len(c['deltas'])} | "
+            f"{'yes' if c['within_tolerance'] else 'no'} |"
+        )
+    below = ", ".join(map(str, r["seeds_below_on_group_target"])) or "none"
+    low = ", ".join(map(str, r["seeds_with_low_use"])) or "none"
+    lines += [
+        "",
+        "## Figures",
+        "",
+        f"- >= 80% of each domain's routed mass on its group + general experts: lowest "
+        f"{100 * r['on_group_min']:.1f}%, seeds below: {below} -> {'met' if f['on_group_target_met'] else 'not met'}",
+        f"- no expert below 2% use within its group: {r['low_use_experts']} below, seeds: {low} -> "
+        f"{'met' if f['no_low_use_met'] else 'not met'}",
+        f"- each app's metric within 1 point of its own model (pooled mean): "
+        f"{'met' if f['metrics_within_1_point_met'] else 'not met'}",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def _per_app(value: Any) -> dict[str, int]:
@@ -618,7 +768,7 @@ def _finish_steps_argument(text: str) -> int | dict[str, int]:
 
 def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
     """The suite's training settings and generated data sizes (shared with bench/compress_bench.py)."""
-    parser.add_argument("--steps", type=int, default=160, help="task steps per app and run")
+    parser.add_argument("--steps", type=int, default=240, help="task steps per app and run")
     parser.add_argument(
         "--hidden-size",
         type=int,
@@ -735,7 +885,27 @@ def main() -> None:
     )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test (not written)")
+    parser.add_argument(
+        "--pool",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="pool the seeds of earlier --seeds runs of the same settings (their suite_bench*.json) into one "
+        "parity and routing report, written to --out as suite_bench_pooled.json and .md; nothing is trained",
+    )
     args = parser.parse_args()
+    if args.pool:
+        try:
+            pooled = pool(args.pool)
+        except InputValidationError as error:
+            parser.error(str(error))
+        text = pooled_markdown(pooled)
+        print(text)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "suite_bench_pooled.json").write_text(json.dumps(pooled, indent=2))
+        (out / "suite_bench_pooled.md").write_text(text)
+        return
     if args.quick:
         args.steps, args.pretrain_steps, args.accounts, args.cases, args.test_cases = 6, 2, 60, 15, 10
         args.finish_steps = {app: min(k, 2) for app, k in _per_app(args.finish_steps).items()}

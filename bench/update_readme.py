@@ -20,6 +20,7 @@ SECTIONS = {
     "education-bench": "education_bench.md",
     "education-recommend-bench": "education_recommend_bench.md",
     "suite-bench": "suite_bench.md",
+    "suite-bench-pooled": "suite_bench_pooled.md",
     "compress-bench": "compress_bench.md",
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
 import pytest
 
 from tests.conftest import load_bench
@@ -57,7 +58,7 @@ def test_suite_settings_carry_the_settling_options(bench):
     assert (settings.settle_steps, settings.settle_floor, settings.balance_load) == (50, 0.05, "train")
     assert bench.suite_settings(_args(bench, "--settle-floor", "0")).settle_floor is None
     own = bench.own_settings(_args(bench, "--finish-steps", "8"))
-    assert own.finish_steps == 0 and own.max_steps == 160 and own.settle_steps == 300
+    assert own.finish_steps == 0 and own.max_steps == 240 and own.settle_steps == 300
 
 
 def test_suite_settings_default_to_the_resampled_settle_and_take_per_app_finishing(bench):
@@ -65,11 +66,11 @@ def test_suite_settings_default_to_the_resampled_settle_and_take_per_app_finishi
     assert (settings.settle_floor, settings.settle_resamples, settings.finish_steps) == (0.08, 200, 0)
     medical = bench.suite_settings(_args(bench, "--finish-steps", "medical=32"))
     # The budget stays --steps per app; train_suite takes the finishing steps out of medical's joint ones.
-    assert medical.max_steps == 160 and medical.finish_steps == {"medical": 32}
+    assert medical.max_steps == 240 and medical.finish_steps == {"medical": 32}
     own = bench.own_settings(_args(bench, "--finish-steps", "medical=32"))
-    assert own.finish_steps == 0 and own.max_steps == 160 and own.settle_resamples == 200
+    assert own.finish_steps == 0 and own.max_steps == 240 and own.settle_resamples == 200
     with pytest.raises(ValueError, match="--finish-steps"):
-        bench.suite_settings(_args(bench, "--finish-steps", "medical=160"))
+        bench.suite_settings(_args(bench, "--finish-steps", "medical=240"))
     with pytest.raises(SystemExit):  # argparse: not a count or APP=COUNT
         _args(bench, "--finish-steps", "medical:32")
 
@@ -84,3 +85,66 @@ def test_width_study_changes_the_trunk_of_the_suite_and_the_own_models_alike(ben
     assert bench.width_study_note({}, "(here)") == ""
     note = bench.width_study_note({"hidden_size": 128, "ffn_size": 128}, "(here)")
     assert note == " Width study: shared trunk changed to hidden_size 128, ffn_size 128 (here)."
+
+
+def _seed_set(path, seeds, deltas, on_group, low_use=None, **settings):
+    """A `--seeds` result file as run_seeds writes it, with the fields `pool` reads."""
+    low_use = low_use or [0] * len(seeds)
+    result = {
+        "settings": {"steps": 240, "learning_rate": 0.002, "trunk_changes": {}, "seed": seeds[0], **settings},
+        "seeds": {
+            "seeds": seeds,
+            "apps": {"medical": {"deltas": deltas}},
+            "routing": [
+                {"on_group_min": share, "low_use_count": low}
+                for share, low in zip(on_group, low_use, strict=True)
+            ],
+        },
+    }
+    path.write_text(json.dumps(result))
+    return path
+
+
+def test_pool_combines_the_seeds_of_runs_with_the_same_settings(bench, tmp_path):
+    from scipy import stats
+
+    a = _seed_set(tmp_path / "a.json", [0, 1, 2], [-0.03, 0.01, -0.01], [0.95, 0.93, 0.97])
+    b = _seed_set(tmp_path / "b.json", [100, 101], [0.02, -0.02], [0.79, 0.96], low_use=[0, 2], device="cuda")
+    pooled = bench.pool([a, b])
+    medical = pooled["apps"]["medical"]
+    deltas = [-0.03, 0.01, -0.01, 0.02, -0.02]
+    half = stats.t.ppf(0.975, 4) * np.std(deltas, ddof=1) / np.sqrt(5)
+    assert medical["delta_mean"] == pytest.approx(-0.006)
+    assert medical["delta_ci95"] == pytest.approx([-0.006 - half, -0.006 + half])
+    assert medical["file_means"] == pytest.approx([-0.01, 0.0]) and medical["within_tolerance"]
+    assert pooled["seeds"] == [0, 1, 2, 100, 101]
+    assert pooled["routing"]["seeds_below_on_group_target"] == [100]
+    assert pooled["routing"]["seeds_with_low_use"] == [101] and pooled["routing"]["low_use_experts"] == 2
+    assert pooled["figures"] == {
+        "on_group_target_met": False,
+        "no_low_use_met": False,
+        "metrics_within_1_point_met": True,
+    }
+    assert "| medical | auroc_macro | -0.0100, +0.0000 | -0.0060 [" in bench.pooled_markdown(pooled)
+
+
+def test_pool_refuses_other_settings_repeated_seeds_and_single_runs(bench, tmp_path):
+    a = _seed_set(tmp_path / "a.json", [0, 1], [0.0, 0.01], [0.9, 0.9])
+    longer = _seed_set(tmp_path / "s.json", [5, 6], [0.0, 0.01], [0.9, 0.9], steps=160)
+    with pytest.raises(bench.InputValidationError, match=r"s\.json: settings differ .* steps \(160 vs 240\)"):
+        bench.pool([a, longer])
+    # The trunk compares as the widths it resolves to: a width study of the preset's own width pools.
+    preset = bench.trunk_widths({})
+    same = _seed_set(tmp_path / "w.json", [7, 8], [0.0, 0.01], [0.9, 0.9], trunk_changes=dict(preset))
+    assert bench.pool([a, same])["seeds"] == [0, 1, 7, 8]
+    wider = {"hidden_size": preset["hidden_size"] * 2, "ffn_size": preset["ffn_size"] * 2}
+    other = _seed_set(tmp_path / "x.json", [9], [0.0], [0.9], trunk_changes=wider)
+    with pytest.raises(bench.InputValidationError, match="trunk"):
+        bench.pool([a, other])
+    again = _seed_set(tmp_path / "r.json", [1, 3], [0.0, 0.01], [0.9, 0.9])
+    with pytest.raises(bench.InputValidationError, match=r"seed 1 is already in .*a\.json"):
+        bench.pool([a, again])
+    single = tmp_path / "one.json"
+    single.write_text(json.dumps({"settings": {}, "runs": {}}))
+    with pytest.raises(bench.InputValidationError, match="not a multi-seed"):
+        bench.pool([a, single])
