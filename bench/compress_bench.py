@@ -49,7 +49,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
-from suite_bench import width_study_note  # noqa: E402
+from suite_bench import (  # noqa: E402
+    TRUNK_WIDTHS,
+    add_suite_arguments,
+    make_data,
+    suite_settings,
+    trunk_changes,
+    width_study_note,
+)
 
 from apps.compress_cli import run_compression  # noqa: E402
 from core.compress import CompressionOptions  # noqa: E402
@@ -119,15 +126,11 @@ VARIANTS = ("int8", "pruned_int8", "pruned_qat_int8")
 
 def suite_data(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """`bench/suite_bench.py`'s generator data (training and held-out test data of every app) under `work`."""
-    from suite_bench import make_data
-
     return make_data(work, args)
 
 
 def suite_model(work: Path, data: dict[str, Any], args: argparse.Namespace) -> Path:
     """The suite model to compress: `--suite-model`, or one trained here with the suite benchmark's settings."""
-    from suite_bench import suite_settings
-
     from apps.suite.train import train_suite
 
     if args.suite_model:
@@ -142,7 +145,7 @@ def suite_model(work: Path, data: dict[str, Any], args: argparse.Namespace) -> P
 def suite_trunk(suite: Path) -> dict[str, Any]:
     """The widths of the suite's shared trunk (`suite.json`), for the report."""
     trunk = json.loads((suite / "suite.json").read_text()).get("trunk", {})
-    return {k: trunk[k] for k in ("hidden_size", "ffn_size", "num_heads", "num_layers") if k in trunk}
+    return {k: trunk[k] for k in TRUNK_WIDTHS if k in trunk}
 
 
 def _finance_paths(parent: Path, artifact: Path, test: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -570,8 +573,6 @@ def main() -> None:
         "--suite-model", type=Path, help="A suite directory to compress (default: train one)."
     )
     # The suite and its data: bench/suite_bench.py's defaults.
-    from suite_bench import add_suite_arguments
-
     add_suite_arguments(parser)
     parser.add_argument("--device", default="cpu", help="Suite training device (ONNX runs on the CPU).")
     # Compression.
@@ -645,8 +646,6 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     import os
-
-    from suite_bench import trunk_changes
 
     from core.compress import cpu_flags
 
