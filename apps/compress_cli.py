@@ -29,7 +29,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from core.errors import ConfigError, InputValidationError
+from core.errors import InputValidationError
 
 
 @dataclass(frozen=True)
@@ -290,6 +290,24 @@ def compress_command(
     prune_heads: Annotated[
         float, typer.Option("--prune-heads", help="Share of attention heads to remove (0-1).")
     ] = 0.0,
+    prune_layers: Annotated[
+        int,
+        typer.Option(
+            "--prune-layers",
+            min=0,
+            help="Encoder layers to drop: those that change their input least on the calibration data "
+            "(block influence).",
+        ),
+    ] = 0,
+    prune_ffn_blocks: Annotated[
+        int,
+        typer.Option(
+            "--prune-ffn-blocks",
+            min=0,
+            help="Feed-forward (MoE) blocks to drop, those of least block influence; their layers keep "
+            "attention.",
+        ),
+    ] = 0,
     int8: Annotated[bool, typer.Option("--int8", help="Export to ONNX and quantise to int8.")] = False,
     qat_steps: Annotated[
         int, typer.Option("--qat-steps", help="Fake-quantised fine-tuning steps before the int8 export.")
@@ -334,7 +352,7 @@ def compress_command(
     ] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print compression.json on stdout.")] = False,
 ) -> None:
-    """Prune experts / FFN units / heads and quantise to int8 (ONNX Runtime); write compression.json."""
+    """Prune experts / FFN units / heads / layers and quantise to int8 (ONNX Runtime); write compression.json."""
     from core.compress import QAT_OBJECTIVES, CompressionOptions
 
     if not 0.0 <= prune_ffn < 1.0:
@@ -348,10 +366,6 @@ def compress_command(
             f"expected one of {', '.join(QAT_OBJECTIVES)}; got {qat_objective!r}",
             param_hint="--qat-objective",
         )
-    if not (prune_experts or prune_ffn or prune_heads or int8 or qat_steps):
-        raise ConfigError(
-            "compress: nothing to do; give --prune-experts, --prune-ffn R, --prune-heads R, --int8 or --qat-steps N"
-        )
     from core.onnx_model import KEEP_FP32_DEFAULT
 
     options = CompressionOptions(
@@ -361,12 +375,15 @@ def compress_command(
         expert_threshold=expert_threshold,
         ffn_ratio=prune_ffn,
         head_ratio=prune_heads,
+        layer_drop=prune_layers,
+        ffn_block_drop=prune_ffn_blocks,
         int8=int8,
         qat_steps=qat_steps,
         qat_objective=qat_objective,
         explanations=explanations,
         latency_repeats=latency_repeats,
     )
+    options.validate()  # nothing to do, or a bad value: said before any data is read
     report = run_compression(model, out, data, options, qat_data, domain, calibration_size)
     if as_json:
         typer.echo(json.dumps(report, indent=2, sort_keys=True))

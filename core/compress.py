@@ -10,6 +10,10 @@ domain's part of a suite model) and writes another model directory:
   (|W_down| column norm x mean |activation| on calibration data) and attention heads (|W_o| block norm x
   mean head-output norm). `apply_plan` builds the physically smaller model; the per-layer sizes go to
   `CoreConfig.layer_*`.
+- `plan_block_pruning`: drop whole encoder layers and/or feed-forward (MoE) blocks, those whose output
+  differs least from their input on calibration tokens (block influence, 1 - cos(input, output), as in
+  ShortGPT, Men et al. 2024); the kept layers keep their attention kind (block-sparse or dense tail) and are
+  renumbered.
 - `export_onnx` + `quantize_int8` (in `core.onnx_model`): `torch.onnx.export(..., dynamo=True)` of the
   inference forward, then ONNX Runtime dynamic int8 (MatMul, Gemm, Conv and Gather, i.e. embeddings
   included), with `CompressionOptions.keep_fp32` modules left fp32 and, with `keep_sensitive`, every module
@@ -101,17 +105,28 @@ def routing_usage(
 # ---------------------------------------------------------------------- rebuilding a smaller model
 @dataclass
 class PrunePlan:
-    """What to keep, per layer: head ids, routed expert ids, unit ids per expert / shared / dense FFN."""
+    """What to keep, per layer: head ids, routed expert ids, unit ids per expert / shared / dense FFN; which
+    layers (`layers`, ascending ids of the original model; None keeps every layer); and the layers whose
+    feed-forward block goes (`ffn_dropped`, original ids)."""
 
     heads: list[list[int] | None] = field(default_factory=list)
     experts: list[list[int] | None] = field(default_factory=list)
     expert_units: list[dict[int, list[int]] | None] = field(default_factory=list)
     shared_units: list[list[int] | None] = field(default_factory=list)
+    layers: list[int] | None = None
+    ffn_dropped: list[int] = field(default_factory=list)
 
     @classmethod
     def identity(cls, model: CoreModel) -> PrunePlan:
         n = len(model.layers)
         return cls([None] * n, [None] * n, [None] * n, [None] * n)
+
+    def is_identity(self) -> bool:
+        per_layer = (*self.heads, *self.experts, *self.expert_units, *self.shared_units)
+        return self.layers is None and not self.ffn_dropped and all(x is None for x in per_layer)
+
+    def kept_layers(self, n_layers: int) -> list[int]:
+        return list(range(n_layers)) if self.layers is None else list(self.layers)
 
 
 def _ffn_width(module: SwiGLU) -> int:
@@ -125,6 +140,11 @@ def _pruned_config(model: CoreModel, plan: PrunePlan) -> CoreConfig:
         heads = plan.heads[i]
         layer_heads.append(layer.attention.num_heads if heads is None else len(heads))
         ffn = layer.ffn
+        if ffn is None or i in plan.ffn_dropped:  # no feed-forward block: the sizes are the config's, unused
+            layer_experts.append(config.experts_in_layer(i))
+            layer_ffn.append(config.ffn_size_in_layer(i))
+            layer_shared.append(config.shared_ffn_size_in_layer(i))
+            continue
         if isinstance(ffn, DomainMoE):
             experts = plan.experts[i]
             layer_experts.append(ffn.num_experts if experts is None else len(experts))
@@ -143,9 +163,26 @@ def _pruned_config(model: CoreModel, plan: PrunePlan) -> CoreConfig:
             layer_ffn.append(config.ffn_size)
             full_shared = _ffn_width(ffn)
         layer_shared.append(full_shared if plan.shared_units[i] is None else len(plan.shared_units[i]))
+    kept = plan.kept_layers(len(model.layers))
+    has_ffn = [model.layers[i].ffn is not None and i not in plan.ffn_dropped for i in kept]
+    layer_heads, layer_experts, layer_ffn, layer_shared = (
+        [sizes[i] for i in kept] for sizes in (layer_heads, layer_experts, layer_ffn, layer_shared)
+    )
     values = config.to_dict()
-    for key in ("layer_num_heads", "layer_routed_experts", "layer_ffn_sizes", "layer_shared_ffn_sizes"):
+    for key in (
+        "layer_num_heads",
+        "layer_routed_experts",
+        "layer_ffn_sizes",
+        "layer_shared_ffn_sizes",
+        "layer_has_ffn",
+    ):
         values.pop(key, None)
+    if not all(has_ffn):
+        values["layer_has_ffn"] = has_ffn
+    if plan.layers is not None:
+        # The dense tail is a suffix of the layers, so the kept dense layers stay a suffix of the kept ones.
+        values["num_layers"] = len(kept)
+        values["dense_tail_layers"] = sum(model.layers[i].attention.always_dense for i in kept)
     for key in ("architectures", "transformers_version", "model_type"):
         values.pop(key, None)
     if config.use_moe:
@@ -219,6 +256,9 @@ def _pruned_state(model: CoreModel, plan: PrunePlan) -> dict[str, torch.Tensor]:
                     0, torch.as_tensor(heads)
                 )
         ffn_prefix = f"{prefix}.ffn"
+        if layer.ffn is None or i in plan.ffn_dropped:  # the block and its norm are left out
+            handled.update(k for k in state if k.startswith((ffn_prefix + ".", f"{prefix}.ffn_norm.")))
+            continue
         if isinstance(layer.ffn, DomainMoE):
             _moe_state(
                 ffn_prefix, layer.ffn, state, plan.experts[i], plan.expert_units[i], plan.shared_units[i], out
@@ -229,7 +269,18 @@ def _pruned_state(model: CoreModel, plan: PrunePlan) -> dict[str, torch.Tensor]:
     for name, tensor in state.items():
         if name not in out and name not in handled:
             out[name] = tensor
-    return out
+    if plan.layers is None:
+        return out
+    renumber = {f"layers.{old}.": f"layers.{new}." for new, old in enumerate(plan.layers)}
+    kept_state = {}
+    for name, tensor in out.items():
+        if not name.startswith("layers."):
+            kept_state[name] = tensor
+            continue
+        prefix = ".".join(name.split(".")[:2]) + "."
+        if prefix in renumber:  # a dropped layer's tensors are left out
+            kept_state[renumber[prefix] + name[len(prefix) :]] = tensor
+    return kept_state
 
 
 def apply_plan(model: CoreModel, plan: PrunePlan) -> CoreModel:
@@ -362,7 +413,7 @@ def plan_structured_pruning(
 
     for i, layer in enumerate(model.layers):
         prefix = f"layers.{i}.ffn"
-        if ffn_ratio > 0:
+        if ffn_ratio > 0 and layer.ffn is not None:
             if isinstance(layer.ffn, DomainMoE):
                 kept_experts = plan.experts[i] or list(range(layer.ffn.num_experts))
                 width = _ffn_width(layer.ffn.experts[0])
@@ -388,6 +439,104 @@ def plan_structured_pruning(
             scores = block_norm * (total / count) if total is not None and count else block_norm
             plan.heads[i] = _keep_top(scores, head_ratio)
     return plan
+
+
+def block_influence(
+    model: CoreModel, examples: Sequence[Mapping[str, Any]], batch_size: int = 32
+) -> dict[str, list[float | None]]:
+    """Block influence on calibration examples: 1 - the mean cosine similarity of each real token's hidden
+    state before and after a block (ShortGPT, Men et al. 2024); a block that barely turns its input scores
+    near 0.
+
+    Returns:
+        {"layers": per encoder layer, its influence as a whole; "ffn": per layer, that of its feed-forward
+        block alone (None where the layer has none)}.
+    """
+    n = len(model.layers)
+    sums = {"layers": [0.0] * n, "ffn": [0.0] * n}
+    counts = {"layers": [0] * n, "ffn": [0] * n}
+    inputs: dict[str, torch.Tensor | None] = {}
+
+    def add(kind: str, i: int, before: torch.Tensor, after: torch.Tensor) -> None:
+        similarity = torch.nn.functional.cosine_similarity(before.float(), after.float(), dim=-1)  # (B, T)
+        if inputs["mask"] is not None:
+            similarity = similarity[inputs["mask"].to(torch.bool)]
+        sums[kind][i] += float(similarity.sum())
+        counts[kind][i] += similarity.numel()
+
+    def layer_input(_module, args, kwargs):
+        inputs["layer"] = args[0].detach()
+        inputs["mask"] = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+
+    def ffn_input(_module, args):
+        inputs["ffn"] = args[0].detach()  # the residual stream after attention, into the FFN's norm
+
+    handles = []
+    for i, layer in enumerate(model.layers):
+
+        def layer_output(_module, args, kwargs, output, i=i, has_ffn=layer.ffn is not None):
+            add("layers", i, inputs["layer"], output[0])
+            if has_ffn:
+                add("ffn", i, inputs["ffn"], output[0])
+
+        handles.append(layer.register_forward_pre_hook(layer_input, with_kwargs=True))
+        handles.append(layer.register_forward_hook(layer_output, with_kwargs=True))
+        if layer.ffn_norm is not None:
+            handles.append(layer.ffn_norm.register_forward_pre_hook(ffn_input))
+    try:
+        _run_calibration(model, examples, batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {
+        kind: [
+            1.0 - total / count if count else None
+            for total, count in zip(sums[kind], counts[kind], strict=True)
+        ]
+        for kind in sums
+    }
+
+
+def _least(scores: Sequence[float | None], n: int, among: Sequence[int]) -> set[int]:
+    """The `n` ids in `among` of lowest score (ties: the lower id)."""
+    return set(sorted(among, key=lambda i: (scores[i], i))[:n])
+
+
+def plan_block_pruning(
+    model: CoreModel,
+    examples: Sequence[Mapping[str, Any]],
+    layers: int = 0,
+    ffn_blocks: int = 0,
+    batch_size: int = 32,
+    plan: PrunePlan | None = None,
+) -> tuple[PrunePlan, dict[str, list[float | None]]]:
+    """Drop the `layers` encoder layers of least influence, then the `ffn_blocks` feed-forward (MoE) blocks
+    of least influence among the kept layers (`block_influence` on `examples`, measured once on the whole
+    model).
+
+    Returns:
+        (plan with `layers` / `ffn_dropped` set, the influence of every layer and feed-forward block).
+
+    Raises:
+        ConfigError: `layers` not in [0, num_layers) (at least one layer stays), or `ffn_blocks` more than
+            the feed-forward blocks the kept layers have.
+    """
+    n_layers = len(model.layers)
+    if not 0 <= layers < n_layers:
+        raise ConfigError(f"prune_layers: expected 0 to {n_layers - 1} layers to drop, got {layers!r}")
+    plan = plan or PrunePlan.identity(model)
+    influence = block_influence(model, examples, batch_size)
+    if layers:
+        dropped = _least(influence["layers"], layers, range(n_layers))
+        plan.layers = [i for i in range(n_layers) if i not in dropped]
+    with_ffn = [i for i in plan.kept_layers(n_layers) if model.layers[i].ffn is not None]
+    if not 0 <= ffn_blocks <= len(with_ffn):
+        raise ConfigError(
+            f"prune_ffn_blocks: expected 0 to {len(with_ffn)} feed-forward blocks to drop "
+            f"(the kept layers have {len(with_ffn)}), got {ffn_blocks!r}"
+        )
+    plan.ffn_dropped = sorted(_least(influence["ffn"], ffn_blocks, with_ffn))
+    return plan, influence
 
 
 # ---------------------------------------------------------------------- QAT
@@ -688,6 +837,8 @@ class CompressionOptions:
     expert_threshold: float = 0.0
     ffn_ratio: float = 0.0
     head_ratio: float = 0.0
+    layer_drop: int = 0
+    ffn_block_drop: int = 0
     int8: bool = False
     qat_steps: int = 0
     qat_learning_rate: float = 1e-4
@@ -700,11 +851,22 @@ class CompressionOptions:
     batch_size: int = 32
 
     def validate(self) -> None:
-        if not (self.prune_experts or self.ffn_ratio or self.head_ratio or self.int8 or self.qat_steps):
+        if not (
+            self.prune_experts
+            or self.ffn_ratio
+            or self.head_ratio
+            or self.layer_drop
+            or self.ffn_block_drop
+            or self.int8
+            or self.qat_steps
+        ):
             raise ConfigError(
-                "compress: nothing to do; give --prune-experts, --prune-ffn R, --prune-heads R, --int8 "
-                "or --qat-steps N"
+                "compress: nothing to do; give --prune-experts, --prune-ffn R, --prune-heads R, "
+                "--prune-layers N, --prune-ffn-blocks N, --int8 or --qat-steps N"
             )
+        for name in ("layer_drop", "ffn_block_drop"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: expected an integer >= 0, got {getattr(self, name)!r}")
         if self.qat_steps < 0:
             raise ConfigError(f"qat_steps: expected an integer >= 0, got {self.qat_steps!r}")
         if self.qat_objective not in QAT_OBJECTIVES:
@@ -732,8 +894,17 @@ def _copy_app_files(parent: Path, out_dir: Path) -> None:
 
 def _describe_plan(model: CoreModel, plan: PrunePlan) -> dict[str, Any]:
     layers = []
+    kept = plan.kept_layers(len(model.layers))
     for i, layer in enumerate(model.layers):
         entry: dict[str, Any] = {"layer": i}
+        if i not in kept:
+            entry["dropped"] = True
+            layers.append(entry)
+            continue
+        if plan.layers is not None:
+            entry["new_index"] = kept.index(i)
+        if i in plan.ffn_dropped:
+            entry["ffn_dropped"] = True
         if plan.heads[i] is not None:
             entry["heads_kept"] = plan.heads[i]
             entry["heads_before"] = layer.attention.num_heads
@@ -808,8 +979,20 @@ def compress(
         steps.append(
             {"step": "prune_structured", "ffn_ratio": options.ffn_ratio, "head_ratio": options.head_ratio}
         )
+    if options.layer_drop or options.ffn_block_drop:
+        plan, influence = plan_block_pruning(
+            work, calibration, options.layer_drop, options.ffn_block_drop, options.batch_size, plan
+        )
+        steps.append(
+            {
+                "step": "prune_blocks",
+                "layers_kept": plan.kept_layers(len(work.layers)),
+                "ffn_dropped": plan.ffn_dropped,
+                "block_influence": influence,
+            }
+        )
     pruned_description = _describe_plan(work, plan)
-    if any(x is not None for x in (*plan.heads, *plan.experts, *plan.expert_units, *plan.shared_units)):
+    if not plan.is_identity():
         work = apply_plan(work, plan)
     if options.qat_steps:
         if not task_examples:

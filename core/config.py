@@ -101,6 +101,9 @@ class CoreConfig(PretrainedConfig):
         layer_shared_ffn_sizes: per layer, the width of the fused shared experts (MoE layers) or of the dense
             FFN (`use_moe=False`) after FFN pruning, or None (`n_shared_experts * ffn_size`, resp.
             `dense_ffn_size`).
+        layer_has_ffn: per layer, whether it keeps its feed-forward block (MoE or dense FFN); None keeps
+            every one. Block pruning (`core.compress.plan_block_pruning`) drops the blocks that change the
+            hidden states least; such a layer is attention plus residual only.
     """
 
     model_type = "verticals-core"
@@ -159,6 +162,7 @@ class CoreConfig(PretrainedConfig):
         layer_routed_experts: Sequence[int] | None = None,
         layer_ffn_sizes: Sequence[int] | None = None,
         layer_shared_ffn_sizes: Sequence[int] | None = None,
+        layer_has_ffn: Sequence[bool] | None = None,
         **kwargs: Any,
     ) -> None:
         self.hidden_size = hidden_size
@@ -218,6 +222,7 @@ class CoreConfig(PretrainedConfig):
         self.layer_shared_ffn_sizes = (
             list(layer_shared_ffn_sizes) if layer_shared_ffn_sizes is not None else None
         )
+        self.layer_has_ffn = [bool(v) for v in layer_has_ffn] if layer_has_ffn is not None else None
         # `num_labels` is owned by PretrainedConfig (it builds id2label from it).
         # A saved config carries id2label instead; it then decides the number of labels.
         if "id2label" not in kwargs:
@@ -261,6 +266,10 @@ class CoreConfig(PretrainedConfig):
         if self.layer_shared_ffn_sizes is not None:
             return self.layer_shared_ffn_sizes[layer_idx]
         return self.n_shared_experts * self.ffn_size if self.use_moe else self.dense_ffn_size
+
+    def has_ffn(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` has a feed-forward block (False after block pruning dropped it)."""
+        return self.layer_has_ffn is None or self.layer_has_ffn[layer_idx]
 
     def domain_id(self, name: str) -> int:
         """Index of a domain name, raising `ConfigError` listing the known domains."""
@@ -451,6 +460,13 @@ class CoreConfig(PretrainedConfig):
                 field,
                 f"None or {self.num_layers} integers (one per layer) >= {low}{upper}",
                 values,
+            )
+        if self.layer_has_ffn is not None:
+            _expect(
+                len(self.layer_has_ffn) == self.num_layers,
+                "layer_has_ffn",
+                f"None or {self.num_layers} booleans (one per layer)",
+                self.layer_has_ffn,
             )
         if self.layer_shared_ffn_sizes is not None and self.use_moe:
             _expect(

@@ -27,18 +27,22 @@ from core.moe import DomainMoE, SwiGLU
 
 
 class EncoderLayer(GradientCheckpointingLayer):
-    """Pre-norm block: x + attention(norm(x)), then x + moe(norm(x)) (or a dense SwiGLU FFN)."""
+    """Pre-norm block: x + attention(norm(x)), then x + moe(norm(x)) (or a dense SwiGLU FFN); without the
+    feed-forward block when block pruning dropped it (`CoreConfig.layer_has_ffn`)."""
 
     def __init__(self, config: CoreConfig, layer_idx: int) -> None:
         super().__init__()
         self.attention_norm = nn.RMSNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = DynamicAttention(config, layer_idx)
-        self.ffn_norm = nn.RMSNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.ffn = (
-            DomainMoE(config, layer_idx)
-            if config.use_moe
-            else SwiGLU(config.hidden_size, config.shared_ffn_size_in_layer(layer_idx))
-        )
+        has_ffn = config.has_ffn(layer_idx)
+        self.ffn_norm = nn.RMSNorm(config.hidden_size, eps=config.layer_norm_eps) if has_ffn else None
+        self.ffn: DomainMoE | SwiGLU | None = None
+        if has_ffn:
+            self.ffn = (
+                DomainMoE(config, layer_idx)
+                if config.use_moe
+                else SwiGLU(config.hidden_size, config.shared_ffn_size_in_layer(layer_idx))
+            )
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
@@ -57,6 +61,8 @@ class EncoderLayer(GradientCheckpointingLayer):
             output_attentions=output_attentions,
         )
         hidden_states = hidden_states + self.dropout(attended)
+        if self.ffn is None:
+            return hidden_states, None, trace
         normed = self.ffn_norm(hidden_states)
         router_logits = None
         if isinstance(self.ffn, DomainMoE):

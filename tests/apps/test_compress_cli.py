@@ -155,6 +155,45 @@ def test_compress_rejects_bad_options(compressed, runner, tmp_path):
         app, ["compress", "--model", str(tmp_path), "--data", data, "--out", str(tmp_path / "x"), "--int8"]
     )
     assert missing.exit_code == 1 and "not a verticals model directory" in missing.output
+    negative = runner.invoke(
+        app,
+        ["compress", "--model", parent, "--data", data, "--out", str(tmp_path / "x"), "--prune-layers", "-1"],
+    )
+    assert negative.exit_code == 2 and "--prune-layers" in negative.output
+    every = runner.invoke(
+        app,
+        ["compress", "--model", parent, "--data", data, "--out", str(tmp_path / "x"), "--prune-layers", "2"],
+    )
+    assert every.exit_code == 1 and "expected 0 to 1 layers to drop" in every.output
+
+
+@pytest.mark.parametrize(("option", "int8"), [("--prune-layers", False), ("--prune-ffn-blocks", True)])
+def test_a_model_with_a_block_dropped_predicts_through_the_cli(compressed, runner, tmp_path, option, int8):
+    work = compressed["work"]
+    out = tmp_path / "pruned"
+    result = runner.invoke(
+        app,
+        ["compress", "--model", str(compressed["parent"]), "--data", str(work / "val.csv"), "--out", str(out),
+         option, "1", *(["--int8"] if int8 else []), "--calibration-size", "16", "--latency-repeats", "1",
+         "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    config = json.loads((out / "config.json").read_text())
+    step = next(s for s in report["steps"] if s["step"] == "prune_blocks")
+    assert len(step["block_influence"]["layers"]) == len(step["block_influence"]["ffn"]) == 2
+    if option == "--prune-layers":
+        assert config["num_layers"] == 1 and len(step["layers_kept"]) == 1
+    else:
+        assert config["layer_has_ffn"].count(False) == 1 and len(step["ffn_dropped"]) == 1
+        assert (out / "model.onnx").is_file()
+    predicted = runner.invoke(
+        app,
+        ["education", "predict", "--model", str(out), "--data", str(work / "val.csv"),
+         "--output", str(tmp_path / "pred.csv")],
+    )  # fmt: skip
+    assert predicted.exit_code == 0, predicted.output
+    assert pd.read_csv(tmp_path / "pred.csv")["p_correct"].between(0, 1).all()
 
 
 def test_onnx_next_step_head_rejects_next_item_features(compressed):

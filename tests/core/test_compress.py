@@ -24,6 +24,7 @@ from core.compress import (
     export_onnx,
     fake_quantized,
     latency_report,
+    plan_block_pruning,
     plan_expert_pruning,
     plan_structured_pruning,
     qat_finetune,
@@ -433,3 +434,101 @@ def test_per_field_einsum_rewrite_matches_einsum_and_moves_no_axis_for_one_field
     x = rng.standard_normal((2, 3, fields, 4)).astype(np.float32)
     (y,) = session.run(None, {"x": x})
     np.testing.assert_allclose(y, np.einsum("btfi,fio->btfo", x, weight), rtol=1e-5, atol=1e-5)
+
+
+def _make_identity(layer) -> None:
+    """Zero what a layer adds to the residual stream: its output is its input."""
+    with torch.no_grad():
+        layer.attention.o_proj.weight.zero_()
+        for module in layer.ffn.modules():
+            if module.__class__.__name__ == "SwiGLU":
+                module.w2.weight.zero_()
+
+
+def test_layer_pruning_drops_the_layer_that_changes_nothing_and_renumbers_the_rest(rng):
+    model = CoreModel(small_config(num_layers=3, dense_tail_layers=1)).eval()
+    _make_identity(model.layers[1])
+    examples = make_examples(rng, 8)
+    plan = plan_structured_pruning(model, examples, head_ratio=0.25)  # heads: layer ids of the original
+    plan, influence = plan_block_pruning(model, examples, layers=1, plan=plan)
+    layers = influence["layers"]
+    assert layers[1] == pytest.approx(0.0, abs=1e-6) and min(layers[0], layers[2]) > 1e-8
+    assert plan.layers == [0, 2]
+    pruned = apply_plan(model, plan)
+    assert pruned.config.num_layers == 2 and len(pruned.layers) == 2
+    assert pruned.config.layer_num_heads == [3, 3]
+    # The kept layers keep their attention kind: layer 2 was the dense tail, layer 0 was not.
+    assert [layer.attention.always_dense for layer in pruned.layers] == [False, True]
+    torch.testing.assert_close(
+        pruned.layers[1].attention.q_proj.weight,
+        model.layers[2].attention.q_proj.weight.index_select(
+            0, torch.cat([torch.arange(h * 8, (h + 1) * 8) for h in plan.heads[2]])
+        ),
+    )
+    heads_only = apply_plan(model, plan_structured_pruning(model, examples, head_ratio=0.25))
+    batch = collate(examples)
+    with torch.no_grad():  # dropping a layer that adds nothing leaves the outputs as they were
+        torch.testing.assert_close(
+            pruned(**batch.to_dict()).token_logits, heads_only(**batch.to_dict()).token_logits
+        )
+
+
+def test_dropping_the_dense_tail_keeps_the_other_layers_sparse(rng):
+    model = CoreModel(small_config(dense_below=0, dense_tail_layers=1)).eval()
+    _make_identity(model.layers[1])
+    examples = make_examples(rng, 6)
+    plan, _ = plan_block_pruning(model, examples, layers=1)
+    pruned = apply_plan(model, plan)
+    assert plan.layers == [0] and pruned.config.dense_tail_layers == 0
+    assert not pruned.layers[0].attention.always_dense
+    batch = collate(examples)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(**batch.to_dict()).logits, model(**batch.to_dict()).logits)
+    with pytest.raises(ConfigError, match="layers to drop"):
+        plan_block_pruning(model, examples, layers=2)  # at least one layer stays
+    with pytest.raises(ConfigError, match="feed-forward blocks to drop"):
+        plan_block_pruning(model, examples, layers=1, ffn_blocks=2)  # one layer left, one block
+
+
+def test_ffn_block_pruning_drops_the_block_that_adds_nothing(tmp_path, rng):
+    model = CoreModel(small_config()).eval()
+    with torch.no_grad():
+        for module in model.layers[0].ffn.modules():
+            if module.__class__.__name__ == "SwiGLU":
+                module.w2.weight.zero_()  # layer 0's MoE block adds nothing to the residual stream
+    examples = make_examples(rng, 8)
+    plan, influence = plan_block_pruning(model, examples, ffn_blocks=1)
+    assert influence["ffn"][0] == pytest.approx(0.0, abs=1e-6) and influence["ffn"][1] > 1e-8
+    assert plan.ffn_dropped == [0] and plan.layers is None
+    pruned = apply_plan(model, plan)
+    assert pruned.config.layer_has_ffn == [False, True]
+    assert pruned.layers[0].ffn is None and pruned.layers[0].ffn_norm is None
+    assert len(pruned.moe_layers()) == 1
+    assert not [k for k in pruned.state_dict() if k.startswith(("layers.0.ffn.", "layers.0.ffn_norm."))]
+    save_checkpoint(pruned, tmp_path / "pruned", {"app": "test"})
+    loaded, _ = load_checkpoint(tmp_path / "pruned")
+    batch = collate(examples)
+    with torch.no_grad():
+        out = loaded(**batch.to_dict())
+        torch.testing.assert_close(out.token_logits, model(**batch.to_dict()).token_logits)
+    assert len(out.router_logits) == 1
+    with pytest.raises(ConfigError, match="layer_has_ffn"):
+        small_config(layer_has_ffn=[True])  # one entry per layer
+
+
+def test_compress_drops_a_layer_and_reports_its_influence(tmp_path, rng):
+    model = CoreModel(small_config(num_layers=2)).eval()
+    _make_identity(model.layers[0])
+    parent = save_checkpoint(model, tmp_path / "parent", {"app": "test"})
+    options = CompressionOptions(layer_drop=1, measure_latency=False)
+    report = compress(parent, tmp_path / "out", options, make_examples(rng, 8))
+    step = next(s for s in report["steps"] if s["step"] == "prune_blocks")
+    assert step["layers_kept"] == [1] and step["ffn_dropped"] == []
+    assert step["block_influence"]["layers"][0] == pytest.approx(0.0, abs=1e-6)
+    assert report["pruned"]["layers"] == [{"layer": 0, "dropped": True}, {"layer": 1, "new_index": 0}]
+    loaded, _ = load_checkpoint(tmp_path / "out")
+    assert loaded.config.num_layers == 1 and loaded.config.dense_tail_layers == 1
+    with pytest.raises(ConfigError, match="layer_drop"):
+        CompressionOptions(layer_drop=-1).validate()
+    with pytest.raises(ConfigError, match="ffn_block_drop"):
+        CompressionOptions(ffn_block_drop=-1).validate()
