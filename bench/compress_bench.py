@@ -72,8 +72,8 @@ PRUNE_LAYERS_DEFAULT = ("0", "medical=1")
 PRUNE_FFN_BLOCKS_DEFAULT = ("0", "medical=1", "education=2")
 #: QAT objective per domain: the parent's outputs for finance, whose task gradient rests on a few hundred
 #: frauds (task QAT over three Trainer seeds moved AP by -2.19, -0.76 and +0.30 points; distillation by
-#: -0.17, -0.01 and +0.19); task steps elsewhere (education's heavier pruning: -0.46 with task steps,
-#: -0.65 distilled).
+#: -0.17, -0.01 and +0.19); task steps elsewhere (chosen under education's earlier head and unit pruning:
+#: -0.46 with task steps, -0.65 distilled).
 QAT_OBJECTIVE_DEFAULT = ("task", "finance=distill")
 
 
@@ -118,7 +118,7 @@ def _layer_count(value: str) -> int:
     except ValueError:
         raise ValueError("expected N or DOMAIN=N with a whole number of blocks") from None
     if count < 0:
-        raise ValueError(f"{count} layers: expected 0 or more")
+        raise ValueError(f"{count} blocks: expected 0 or more")
     return count
 
 
